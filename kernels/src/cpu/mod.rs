@@ -1,0 +1,10 @@
+//! CPU kernels: f32 activations, f32 accumulation, weights widened from their stored dtype.
+
+pub mod activation;
+pub mod attention;
+pub mod matmul;
+pub mod norm;
+pub mod rope;
+
+mod simd;
+mod parallel;

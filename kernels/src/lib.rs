@@ -1,0 +1,24 @@
+//! herd-kernels: the math of Llama 4 inference. No I/O, no async, no model knowledge.
+//!
+//! Modules:
+//! - [`tensor`]: borrowed views of weight matrices in their stored dtype (f32, bf16, f16).
+//! - [`cpu`]: the CPU implementation of every op; it is also the specification that
+//!   other backends are tested against.
+//!   - [`cpu::matmul`]: `x·Wᵀ` (nn.Linear layout) and `x·W` (input-major expert layout),
+//!     f32 activations, f32 accumulation, any weight dtype.
+//!   - [`cpu::norm`]: RMSNorm (with and without weight).
+//!   - [`cpu::rope`]: rotary embedding on interleaved pairs, llama3 frequency scaling.
+//!   - [`cpu::attention`]: causal / chunked-local attention with GQA over a KV history.
+//!   - [`cpu::activation`]: SiLU, SwiGLU, sigmoid, softmax, argmax, top-k.
+//!
+//! A model layer calls these in sequence: norm → matmul (q, k, v) → rope → attention →
+//! matmul (o) → norm → matmul (experts) → activation → matmul (down).
+//!
+//! Every reduction here has a fixed order per output element that does not depend on how
+//! many rows are in the batch. A token's result is therefore bit-identical whether it is
+//! computed alone or alongside others, which is what lets a distributed run equal a local one.
+
+pub mod cpu;
+pub mod tensor;
+
+pub use tensor::{Elems, MatRef};

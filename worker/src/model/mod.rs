@@ -1,0 +1,1 @@
+//! The Llama 4 model.
