@@ -19,7 +19,7 @@ const LANES: usize = 16;
 /// `out[m, n] = x[m, k] · W[n, k]ᵀ`, where `m = x.len() / k`.
 pub fn matmul_t(x: &[f32], w: MatRef<'_>, out: &mut [f32]) {
     let (n, k) = (w.rows, w.cols);
-    assert!(k > 0 && x.len() % k == 0, "matmul_t: x has {} elements, not a multiple of k={k}", x.len());
+    assert!(k > 0 && x.len().is_multiple_of(k), "matmul_t: x has {} elements, not a multiple of k={k}", x.len());
     let m = x.len() / k;
     assert_eq!(out.len(), m * n, "matmul_t: out is {} elements, want {m}x{n}", out.len());
     match w.elems {
@@ -32,7 +32,7 @@ pub fn matmul_t(x: &[f32], w: MatRef<'_>, out: &mut [f32]) {
 /// `out[m, n] = x[m, k] · W[k, n]`, where `m = x.len() / k`.
 pub fn matmul(x: &[f32], w: MatRef<'_>, out: &mut [f32]) {
     let (k, n) = (w.rows, w.cols);
-    assert!(k > 0 && x.len() % k == 0, "matmul: x has {} elements, not a multiple of k={k}", x.len());
+    assert!(k > 0 && x.len().is_multiple_of(k), "matmul: x has {} elements, not a multiple of k={k}", x.len());
     let m = x.len() / k;
     assert_eq!(out.len(), m * n, "matmul: out is {} elements, want {m}x{n}", out.len());
     match w.elems {
@@ -94,7 +94,16 @@ unsafe fn rows_block_t<W: Widen>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_t_avx512<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize, j0: usize, j1: usize, dst: SharedOut) {
+unsafe fn block_t_avx512<W: Widen>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    dst: SharedOut,
+) {
     // SAFETY: forwarded from the caller.
     unsafe { block_t::<W, true>(x, w, m, n, k, j0, j1, dst) }
 }
@@ -102,7 +111,16 @@ unsafe fn block_t_avx512<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: us
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_t_avx2<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize, j0: usize, j1: usize, dst: SharedOut) {
+unsafe fn block_t_avx2<W: Widen>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    dst: SharedOut,
+) {
     // SAFETY: forwarded from the caller.
     unsafe { block_t::<W, true>(x, w, m, n, k, j0, j1, dst) }
 }
@@ -282,7 +300,16 @@ unsafe fn cols_block_kn<W: Widen>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_kn_avx512<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize, j0: usize, j1: usize, dst: SharedOut) {
+unsafe fn block_kn_avx512<W: Widen>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    dst: SharedOut,
+) {
     // SAFETY: forwarded from the caller.
     unsafe { block_kn::<W, true>(x, w, m, n, k, j0, j1, dst) }
 }
@@ -290,7 +317,16 @@ unsafe fn block_kn_avx512<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: u
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn block_kn_avx2<W: Widen>(x: &[f32], w: &[W], m: usize, n: usize, k: usize, j0: usize, j1: usize, dst: SharedOut) {
+unsafe fn block_kn_avx2<W: Widen>(
+    x: &[f32],
+    w: &[W],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    dst: SharedOut,
+) {
     // SAFETY: forwarded from the caller.
     unsafe { block_kn::<W, true>(x, w, m, n, k, j0, j1, dst) }
 }

@@ -6,5 +6,5 @@ pub mod matmul;
 pub mod norm;
 pub mod rope;
 
-mod simd;
 mod parallel;
+mod simd;

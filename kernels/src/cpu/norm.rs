@@ -3,7 +3,7 @@
 
 /// Normalise each row of `x` (`[rows, dim]`) into `out`, scaling by `weight` when given.
 pub fn rms_norm(x: &[f32], dim: usize, weight: Option<&[f32]>, eps: f32, out: &mut [f32]) {
-    assert!(dim > 0 && x.len() % dim == 0, "rms_norm: {} elements is not rows of {dim}", x.len());
+    assert!(dim > 0 && x.len().is_multiple_of(dim), "rms_norm: {} elements is not rows of {dim}", x.len());
     assert_eq!(x.len(), out.len());
     if let Some(w) = weight {
         assert_eq!(w.len(), dim, "rms_norm: weight has {} elements, want {dim}", w.len());
@@ -27,7 +27,7 @@ pub fn rms_norm(x: &[f32], dim: usize, weight: Option<&[f32]>, eps: f32, out: &m
 
 /// In-place weightless RMS norm over rows of `dim` (the QK-norm of Scout-style models).
 pub fn rms_norm_in_place(x: &mut [f32], dim: usize, eps: f32) {
-    assert!(dim > 0 && x.len() % dim == 0);
+    assert!(dim > 0 && x.len().is_multiple_of(dim));
     for xr in x.chunks_exact_mut(dim) {
         let inv = inv_rms(xr, eps);
         for v in xr.iter_mut() {

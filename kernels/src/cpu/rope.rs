@@ -22,7 +22,7 @@ pub struct RopeFreqs {
 
 impl RopeFreqs {
     pub fn new(head_dim: usize, theta: f32, scaling: Option<&RopeScaling>) -> Self {
-        assert!(head_dim % 2 == 0, "rope needs an even head_dim, got {head_dim}");
+        assert!(head_dim.is_multiple_of(2), "rope needs an even head_dim, got {head_dim}");
         let d = head_dim as f32;
         let mut inv_freq: Vec<f32> = (0..head_dim / 2)
             .map(|j| {
@@ -33,13 +33,20 @@ impl RopeFreqs {
         match scaling {
             None => {}
             Some(RopeScaling::Linear { factor }) => inv_freq.iter_mut().for_each(|f| *f /= factor),
-            Some(RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings }) => {
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
                 let old = *original_max_position_embeddings;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 for f in inv_freq.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
                     let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                    // Negated comparisons on purpose: the reference writes `~(a < b) * ~(a > c)`.
+                    #[allow(clippy::neg_cmp_op_on_partial_ord)]
                     let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                     *f = if medium {
                         // Only reached when high != low, so the division is defined.
@@ -80,13 +87,14 @@ impl RopeFreqs {
     }
 }
 
-/// Rotate `x` (`[tokens, heads, 2·pairs]`) in place with per-token `cos`/`sin` (`[tokens, pairs]`).
-pub fn apply_rope(x: &mut [f32], heads: usize, cos: &[f32], sin: &[f32]) {
-    let pairs = cos.len() / (x.len() / (heads * 2)).max(1);
-    let head_dim = pairs * 2;
-    assert_eq!(x.len() % (heads * head_dim), 0);
+/// Rotate `x` (`[tokens, heads, head_dim]`) in place with per-token `cos`/`sin`
+/// (`[tokens, head_dim / 2]`).
+pub fn apply_rope(x: &mut [f32], heads: usize, head_dim: usize, cos: &[f32], sin: &[f32]) {
+    let pairs = head_dim / 2;
+    assert!(head_dim.is_multiple_of(2) && x.len().is_multiple_of(heads * head_dim));
     let tokens = x.len() / (heads * head_dim);
-    assert_eq!(cos.len(), tokens * pairs);
+    assert_eq!(cos.len(), tokens * pairs, "rope table is not [tokens, head_dim/2]");
+    assert_eq!(sin.len(), cos.len());
     for t in 0..tokens {
         let (c, s) = (&cos[t * pairs..(t + 1) * pairs], &sin[t * pairs..(t + 1) * pairs]);
         for h in 0..heads {
@@ -123,15 +131,29 @@ mod tests {
     }
 
     #[test]
+    fn pairs_are_interleaved_and_rotate_by_position_times_frequency() {
+        // head_dim 4: pair 0 = (x0, x1) at ω0 = 1, pair 1 = (x2, x3) at ω1 = 1/100.
+        let f = RopeFreqs::new(4, 10000.0, None);
+        assert_eq!(f.inv_freq(), &[1.0, 0.01]);
+        let (c, s) = f.table(&[3]);
+        let mut x = vec![1.0f32, 0.0, 0.0, 1.0];
+        apply_rope(&mut x, 1, 4, &c, &s);
+        let want = [3f32.cos(), 3f32.sin(), -(0.03f32).sin(), (0.03f32).cos()];
+        for (g, w) in x.iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{x:?} vs {want:?}");
+        }
+    }
+
+    #[test]
     fn rotation_preserves_norm_and_position_zero_is_identity() {
         let f = RopeFreqs::new(8, 10000.0, None);
         let (c0, s0) = f.table(&[0]);
         let mut x: Vec<f32> = (0..16).map(|i| i as f32 * 0.1).collect();
         let orig = x.clone();
-        apply_rope(&mut x[..8], 1, &c0, &s0);
+        apply_rope(&mut x[..8], 1, 8, &c0, &s0);
         assert_eq!(&x[..8], &orig[..8]);
         let (c, s) = f.table(&[7, 9]);
-        apply_rope(&mut x, 1, &c, &s);
+        apply_rope(&mut x, 1, 8, &c, &s);
         for t in 0..2 {
             let n0: f32 = orig[t * 8..t * 8 + 8].iter().map(|v| v * v).sum();
             let n1: f32 = x[t * 8..t * 8 + 8].iter().map(|v| v * v).sum();
