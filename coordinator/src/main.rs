@@ -1,4 +1,7 @@
 //! `herd`: the one binary of the herd inference cluster.
+//!
+//! Subcommands live in [`cli`], one module each; this file parses the command line, sizes
+//! the compute thread pool, and turns any error into one line on stderr and exit code 1.
 
 mod cli;
 
@@ -8,21 +11,30 @@ use std::process::ExitCode;
 #[derive(Parser, Debug)]
 #[command(name = "herd", version, about = "Distributed inference for Llama 4 mixture-of-experts models")]
 struct Cli {
+    /// Compute threads (default: one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Generate text from a prompt or a chat message, streaming it to stdout.
+    Generate(cli::generate::GenerateArgs),
+    /// Write logits and greedy continuations of a list of prompts (for reference checks).
+    Eval(cli::eval::EvalArgs),
     /// Write a random-weight Llama 4 checkpoint (HF layout) for tests and benchmarks.
     Synth(cli::synth::SynthArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let result = match cli.command {
+    let result = init_threads(cli.threads).and_then(|()| match cli.command {
+        Command::Generate(args) => cli::generate::run(args),
+        Command::Eval(args) => cli::eval::run(args),
         Command::Synth(args) => cli::synth::run(args),
-    };
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -30,4 +42,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    if let Some(n) = threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
+    }
+    Ok(())
 }

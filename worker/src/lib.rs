@@ -8,6 +8,8 @@
 //! - [`chat_template`]: the checkpoint's Jinja chat template rendered as transformers does.
 //! - [`engine`]: KV cache ([`engine::kv_cache`]), sampling ([`engine::sampler`]) and the
 //!   generation loop ([`engine::generate`]).
+//! - [`loaded`]: a checkpoint's model, tokenizer, chat template and generation defaults
+//!   loaded together.
 //! - [`synth`]: random-weight checkpoints in the Hugging Face layout (presets tiny,
 //!   scout-mini, maverick-mini) so that nothing needs a download.
 //!
@@ -18,6 +20,7 @@
 
 pub mod chat_template;
 pub mod engine;
+pub mod loaded;
 pub mod model;
 pub mod synth;
 pub mod tokenizer;

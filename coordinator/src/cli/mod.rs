@@ -1,3 +1,7 @@
-//! One module per `herd` subcommand: its clap arguments and its `run`.
+//! One module per `herd` subcommand (its clap arguments and its `run`), plus what they share.
 
+pub mod eval;
+pub mod generate;
+pub mod model_arg;
 pub mod synth;
+pub mod sys;

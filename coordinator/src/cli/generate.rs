@@ -1,0 +1,143 @@
+//! `herd generate`: one prompt in, streamed text out, then a line of counts and speeds.
+
+use super::{model_arg, sys};
+use anyhow::{Context, bail};
+use herd_worker::engine::generate::generate;
+use herd_worker::engine::sampler::SamplingParams;
+use herd_worker::loaded::LoadedModel;
+use herd_worker::model::weights::ComputeDtype;
+use serde_json::json;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(clap::Args, Debug)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat"])))]
+pub struct GenerateArgs {
+    /// Checkpoint directory, or a synth preset (tiny, scout-mini, maverick-mini).
+    #[arg(long)]
+    model: String,
+    /// Raw text to continue (tokenized with BOS, no chat template).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// A user message, rendered with the model's chat template.
+    #[arg(long)]
+    chat: Option<String>,
+    /// A system message to put before --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
+    #[command(flatten)]
+    sampling: SamplingFlags,
+    /// Compute precision of weights (activations and accumulation are always f32).
+    #[arg(long, default_value = "bf16")]
+    dtype: ComputeDtype,
+    /// Directory where presets are synthesised (default ~/.cache/herd).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+/// Sampling flags; unset ones fall back to the checkpoint's generation_config.json, then to
+/// the OpenAI defaults.
+#[derive(clap::Args, Debug)]
+pub struct SamplingFlags {
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 means greedy.
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// 0 disables.
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    min_p: Option<f32>,
+    /// Same seed, same tokens.
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    repetition_penalty: Option<f32>,
+    #[arg(long)]
+    presence_penalty: Option<f32>,
+    #[arg(long)]
+    frequency_penalty: Option<f32>,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Stop at this token id (repeatable), besides the model's EOS ids.
+    #[arg(long)]
+    stop_token_id: Vec<u32>,
+    /// Do not stop at the model's EOS ids.
+    #[arg(long)]
+    ignore_eos: bool,
+}
+
+impl SamplingFlags {
+    fn params(&self, loaded: &LoadedModel) -> SamplingParams {
+        let g = &loaded.generation;
+        let d = SamplingParams::default();
+        // generation_config.json's sampling values apply only when it asks to sample, as in
+        // transformers; an explicit flag always wins.
+        let sample = g.do_sample.unwrap_or(false);
+        let from_config = |v: Option<f32>, default: f32| if sample { v.unwrap_or(default) } else { default };
+        SamplingParams {
+            temperature: self.temperature.unwrap_or(from_config(g.temperature, d.temperature)),
+            top_k: self.top_k.unwrap_or(if sample { g.top_k.unwrap_or(d.top_k) } else { d.top_k }),
+            top_p: self.top_p.unwrap_or(from_config(g.top_p, d.top_p)),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            seed: self.seed,
+            repetition_penalty: self.repetition_penalty.unwrap_or(d.repetition_penalty),
+            presence_penalty: self.presence_penalty.unwrap_or(d.presence_penalty),
+            frequency_penalty: self.frequency_penalty.unwrap_or(d.frequency_penalty),
+            max_tokens: self.max_tokens,
+            stop: self.stop.clone(),
+            stop_token_ids: self.stop_token_id.clone(),
+            ignore_eos: self.ignore_eos,
+        }
+    }
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
+    let load_started = Instant::now();
+    let loaded = LoadedModel::load(&dir, args.dtype).with_context(|| format!("loading {}", dir.display()))?;
+    let load_time = load_started.elapsed();
+    let prompt = match (&args.prompt, &args.chat) {
+        (Some(text), None) => loaded.tokenizer.encode(text, true)?,
+        (None, Some(user)) => {
+            let template =
+                loaded.chat_template.as_ref().context("this model has no chat template; use --prompt for raw text")?;
+            let mut messages = Vec::new();
+            if let Some(system) = &args.system {
+                messages.push(json!({"role": "system", "content": system}));
+            }
+            messages.push(json!({"role": "user", "content": user}));
+            let rendered = template.render(&messages, true, None).context("rendering the chat template")?;
+            loaded.tokenizer.encode(&rendered, false)?
+        }
+        _ => bail!("give exactly one of --prompt and --chat"),
+    };
+    let params = args.sampling.params(&loaded);
+    let eos = loaded.eos_ids();
+    let mut stdout = std::io::stdout().lock();
+    let generation = generate(&loaded.model, &loaded.tokenizer, &prompt, &params, &eos, |text| {
+        // A closed pipe (e.g. `| head`) must not abort generation with a panic.
+        let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+    })?;
+    let rss = sys::peak_rss_bytes().map_or_else(|| "n/a".into(), sys::format_bytes);
+    let _ = writeln!(
+        stdout,
+        "\n[herd] {} prompt + {} generated tokens ({:?}) | load {:.2} s | prefill {:.1} tok/s | decode {:.2} tok/s | weights {} ({}) | peak RSS {}",
+        generation.prompt_tokens,
+        generation.token_ids.len(),
+        generation.stop,
+        load_time.as_secs_f64(),
+        generation.prefill_tokens_per_s(),
+        generation.decode_tokens_per_s(),
+        sys::format_bytes(loaded.model.weight_bytes() as u64),
+        args.dtype,
+        rss,
+    );
+    Ok(())
+}

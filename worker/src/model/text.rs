@@ -1,0 +1,333 @@
+//! The Llama 4 text model: embeddings, decoder layers, final norm, lm_head.
+//!
+//! One [`TextModel::forward`] call runs a batch of sequences, each contributing a run of new
+//! tokens (a whole prompt, a prefill chunk, or one decode token) on top of its own KV cache.
+//! All tokens of the batch share every matmul; attention runs per sequence over its own
+//! history. Per layer (pre-norm):
+//! ```text
+//! a = RMSNorm(h);  q,k,v = a·Wq, a·Wk, a·Wv
+//! RoPE layers: rotate q,k (interleaved pairs), then QK-norm if configured
+//! NoPE layers: q ·= 1 + attn_scale·log1p(floor((p+1)/floor_scale)) if temperature tuning
+//! h += Wo · attention(q, cache ∪ {k,v})       (chunked mask on RoPE layers, causal on NoPE)
+//! h += FFN(RMSNorm(h))                         (MoE or dense SwiGLU)
+//! ```
+
+use super::ModelError;
+use super::checkpoint::Checkpoint;
+use super::config::{LayerAttention, LayerSpec, ModelConfig, TextConfig};
+use super::mlp::Mlp;
+use super::moe::MoeBlock;
+use super::weights::{ComputeDtype, Weight, WeightLoader};
+use crate::engine::kv_cache::KvCache;
+use herd_kernels::cpu::attention::{self, AttnHeads, AttnMask};
+use herd_kernels::cpu::{matmul, norm, rope};
+use std::path::Path;
+
+/// Which positions of a sequence's new tokens need logits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    None,
+    Last,
+    All,
+}
+
+/// One sequence's part of a forward batch.
+#[derive(Debug)]
+pub struct SeqStep<'a> {
+    /// New tokens; their positions continue from `cache.len()`.
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+    pub logits: LogitsFor,
+}
+
+#[derive(Debug)]
+enum FeedForward {
+    Dense(Mlp),
+    Moe(MoeBlock),
+}
+
+#[derive(Debug)]
+struct DecoderLayer {
+    spec: LayerSpec,
+    input_norm: Vec<f32>,
+    post_norm: Vec<f32>,
+    q: Weight, // [q_heads · head_dim, hidden]
+    k: Weight, // [kv_heads · head_dim, hidden]
+    v: Weight, // [kv_heads · head_dim, hidden]
+    o: Weight, // [hidden, q_heads · head_dim]
+    ffn: FeedForward,
+}
+
+/// The loaded text model.
+#[derive(Debug)]
+pub struct TextModel {
+    config: TextConfig,
+    compute: ComputeDtype,
+    embed: Weight, // [vocab, hidden]
+    layers: Vec<DecoderLayer>,
+    norm: Vec<f32>,
+    /// `None` when tied to the embedding.
+    lm_head: Option<Weight>, // [vocab, hidden]
+    rope: rope::RopeFreqs,
+}
+
+/// Where the text weights live for each architecture (transformers renamed the
+/// multimodal prefix between versions, so every known spelling is tried).
+const TEXT_PREFIXES: [&str; 4] = ["language_model.model.", "model.language_model.", "model.", ""];
+const LM_HEAD_NAMES: [&str; 2] = ["language_model.lm_head.weight", "lm_head.weight"];
+
+impl TextModel {
+    /// Load config and weights from a checkpoint directory.
+    pub fn load(dir: &Path, compute: ComputeDtype) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        Self::from_checkpoint(&ckpt, &config.text, compute)
+    }
+
+    pub fn from_checkpoint(ckpt: &Checkpoint, config: &TextConfig, compute: ComputeDtype) -> Result<Self, ModelError> {
+        let w = WeightLoader::new(ckpt, compute);
+        let prefix =
+            TEXT_PREFIXES.iter().find(|p| ckpt.contains(&format!("{p}embed_tokens.weight"))).ok_or_else(|| {
+                ModelError::MissingTensor {
+                    name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)".into(),
+                    dir: ckpt.dir().to_path_buf(),
+                }
+            })?;
+        let (h, v) = (config.hidden_size, config.vocab_size);
+        let (qd, kvd) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
+        let embed = w.weight(&format!("{prefix}embed_tokens.weight"), &[v, h])?;
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for (i, spec) in config.layers.iter().enumerate() {
+            let p = format!("{prefix}layers.{i}");
+            let ffn = if spec.moe {
+                FeedForward::Moe(MoeBlock::load(
+                    &w,
+                    &format!("{p}.feed_forward"),
+                    h,
+                    config.intermediate_size,
+                    config.num_local_experts,
+                    config.num_experts_per_tok,
+                )?)
+            } else {
+                FeedForward::Dense(Mlp::load(&w, &format!("{p}.feed_forward"), h, config.intermediate_size_mlp)?)
+            };
+            layers.push(DecoderLayer {
+                spec: *spec,
+                input_norm: w.vector_f32(&format!("{p}.input_layernorm.weight"), h)?,
+                post_norm: w.vector_f32(&format!("{p}.post_attention_layernorm.weight"), h)?,
+                q: w.weight(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
+                k: w.weight(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
+                v: w.weight(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
+                o: w.weight(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
+                ffn,
+            });
+        }
+        let norm = w.vector_f32(&format!("{prefix}norm.weight"), h)?;
+        let lm_head = match LM_HEAD_NAMES.iter().find(|n| ckpt.contains(n)) {
+            Some(name) => Some(w.weight(name, &[v, h])?),
+            None if config.tie_word_embeddings => None,
+            None => {
+                return Err(ModelError::MissingTensor { name: "lm_head.weight".into(), dir: ckpt.dir().to_path_buf() });
+            }
+        };
+        let rope = rope::RopeFreqs::new(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
+        Ok(Self { config: config.clone(), compute, embed, layers, norm, lm_head, rope })
+    }
+
+    pub fn config(&self) -> &TextConfig {
+        &self.config
+    }
+
+    pub fn compute_dtype(&self) -> ComputeDtype {
+        self.compute
+    }
+
+    /// A fresh KV cache for one sequence.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(&self.config)
+    }
+
+    /// Run new tokens of every sequence in `batch`; returns each sequence's requested logits
+    /// as `[rows, vocab]` (rows = 0, 1 or its token count, per [`LogitsFor`]).
+    pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        let cfg = &self.config;
+        let h = cfg.hidden_size;
+        for step in batch.iter() {
+            if let Some(&id) = step.tokens.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                return Err(ModelError::TokenOutOfRange { id, vocab: cfg.vocab_size });
+            }
+        }
+        let positions: Vec<usize> = batch.iter().flat_map(|s| s.cache.len()..s.cache.len() + s.tokens.len()).collect();
+        let total = positions.len();
+
+        let mut x = vec![0.0f32; total * h]; // [tokens, hidden]
+        let embed = self.embed.matrix();
+        for (row, &id) in x.chunks_exact_mut(h).zip(batch.iter().flat_map(|s| s.tokens.iter())) {
+            embed.rows_range(id as usize, 1).elems.to_f32_into(row);
+        }
+        let (cos, sin) = self.rope.table(&positions);
+        for (li, layer) in self.layers.iter().enumerate() {
+            self.layer_forward(li, layer, &mut x, &positions, &cos, &sin, batch);
+        }
+        for step in batch.iter_mut() {
+            step.cache.commit(step.tokens.len());
+        }
+        Ok(self.logits(&x, batch))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        li: usize,
+        layer: &DecoderLayer,
+        x: &mut [f32],
+        positions: &[usize],
+        cos: &[f32],
+        sin: &[f32],
+        batch: &mut [SeqStep<'_>],
+    ) {
+        let cfg = &self.config;
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let total = positions.len();
+        let eps = cfg.rms_norm_eps;
+
+        let mut a = vec![0.0f32; total * h]; // [tokens, hidden]
+        norm::rms_norm(x, h, Some(&layer.input_norm), eps, &mut a);
+        let mut q = vec![0.0f32; total * nq * d]; // [tokens, q_heads, head_dim]
+        let mut k = vec![0.0f32; total * nkv * d]; // [tokens, kv_heads, head_dim]
+        let mut v = vec![0.0f32; total * nkv * d];
+        matmul::matmul_t(&a, layer.q.matrix(), &mut q);
+        matmul::matmul_t(&a, layer.k.matrix(), &mut k);
+        matmul::matmul_t(&a, layer.v.matrix(), &mut v);
+        let spec = layer.spec;
+        if spec.uses_rope {
+            rope::apply_rope(&mut q, nq, d, cos, sin);
+            rope::apply_rope(&mut k, nkv, d, cos, sin);
+        }
+        if spec.qk_norm {
+            norm::rms_norm_in_place(&mut q, d, eps);
+            norm::rms_norm_in_place(&mut k, d, eps);
+        }
+        if spec.temperature_tuning {
+            for (qt, &p) in q.chunks_exact_mut(nq * d).zip(positions) {
+                let tau = self.attn_temperature(p);
+                qt.iter_mut().for_each(|v| *v *= tau);
+            }
+        }
+        let mask = match (spec.attention, cfg.attention_chunk_size) {
+            (LayerAttention::Chunked, Some(chunk)) => AttnMask::Chunked { chunk },
+            _ => AttnMask::Causal,
+        };
+        let heads = AttnHeads { q_heads: nq, kv_heads: nkv, head_dim: d };
+        let scale = (d as f64).powf(-0.5) as f32;
+        let mut attn = vec![0.0f32; total * nq * d]; // [tokens, q_heads, head_dim]
+        let mut start = 0;
+        for step in batch.iter_mut() {
+            let n = step.tokens.len();
+            if n == 0 {
+                continue;
+            }
+            let keep_from = mask.first_key(step.cache.len());
+            step.cache.append(
+                li,
+                &k[start * nkv * d..(start + n) * nkv * d],
+                &v[start * nkv * d..(start + n) * nkv * d],
+                keep_from,
+            );
+            attention::attention(
+                &q[start * nq * d..(start + n) * nq * d],
+                &positions[start..start + n],
+                step.cache.history(li),
+                heads,
+                scale,
+                mask,
+                &mut attn[start * nq * d..(start + n) * nq * d],
+            );
+            start += n;
+        }
+        let mut o = vec![0.0f32; total * h]; // [tokens, hidden]
+        matmul::matmul_t(&attn, layer.o.matrix(), &mut o);
+        add_into(x, &o);
+
+        norm::rms_norm(x, h, Some(&layer.post_norm), eps, &mut a);
+        match &layer.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(&a, &mut o),
+            FeedForward::Moe(moe) => {
+                moe.forward(&a, &mut o);
+            }
+        }
+        add_into(x, &o);
+    }
+
+    /// Query scale of NoPE layers at absolute position `p`, in f32 as transformers computes it.
+    fn attn_temperature(&self, p: usize) -> f32 {
+        let cfg = &self.config;
+        ((p as f32 + 1.0) / cfg.floor_scale).floor().ln_1p() * cfg.attn_scale + 1.0
+    }
+
+    fn logits(&self, x: &[f32], batch: &[SeqStep<'_>]) -> Vec<Vec<f32>> {
+        let cfg = &self.config;
+        let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).matrix();
+        let mut start = 0;
+        let mut out = Vec::with_capacity(batch.len());
+        for step in batch {
+            let n = step.tokens.len();
+            let rows = match step.logits {
+                LogitsFor::None => start..start,
+                LogitsFor::Last if n > 0 => start + n - 1..start + n,
+                LogitsFor::Last => start..start,
+                LogitsFor::All => start..start + n,
+            };
+            let mut normed = vec![0.0f32; rows.len() * h]; // [rows, hidden]
+            norm::rms_norm(&x[rows.start * h..rows.end * h], h, Some(&self.norm), cfg.rms_norm_eps, &mut normed);
+            let mut logits = vec![0.0f32; rows.len() * vocab]; // [rows, vocab]
+            matmul::matmul_t(&normed, head, &mut logits);
+            out.push(logits);
+            start += n;
+        }
+        out
+    }
+
+    /// Bytes of all weights as held (mapped or owned).
+    pub fn weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let ffn = match &l.ffn {
+                    FeedForward::Dense(m) => m.bytes(),
+                    FeedForward::Moe(m) => m.bytes(),
+                };
+                l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + ffn
+            })
+            .sum();
+        layers + self.embed.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes)
+    }
+
+    /// Weight bytes one decoded token reads (attention, dense or shared + top-k experts,
+    /// lm_head; the embedding contributes one row). This is the memory-bandwidth cost of a
+    /// batch-1 decode step.
+    pub fn active_bytes_per_token(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let ffn = match &l.ffn {
+                    FeedForward::Dense(m) => m.bytes(),
+                    FeedForward::Moe(m) => m.active_bytes(),
+                };
+                l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + ffn
+            })
+            .sum();
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed).bytes();
+        layers + head + self.embed.bytes() / self.config.vocab_size
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

@@ -1,0 +1,179 @@
+//! Weights in the dtype the model computes with, borrowed from the checkpoint map when possible.
+//!
+//! In the default compute dtype (bf16) weights stored as bf16 or f16 stay memory-mapped and
+//! f32 weights are rounded to bf16 once at load. In f32 mode every weight keeps its stored
+//! dtype: kernels widen bf16/f16 exactly, which equals transformers upcasting the weights to
+//! f32, without materialising an f32 copy.
+
+use super::ModelError;
+use super::checkpoint::{Checkpoint, StoredDtype, TensorSlice};
+use half::{bf16, f16};
+use herd_kernels::{Elems, MatRef};
+use memmap2::Mmap;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// The precision the model computes in. Activations and accumulation are f32 in both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ComputeDtype {
+    /// Weights used at full stored precision (f32 checkpoints stay f32). For golden tests.
+    F32,
+    /// Weights held in bf16 (f32 checkpoints are rounded once at load).
+    #[default]
+    Bf16,
+}
+
+impl std::str::FromStr for ComputeDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(ComputeDtype::F32),
+            "bf16" | "bfloat16" => Ok(ComputeDtype::Bf16),
+            other => Err(format!("unknown dtype {other:?} (expected f32 or bf16)")),
+        }
+    }
+}
+
+impl std::fmt::Display for ComputeDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ComputeDtype::F32 => "f32",
+            ComputeDtype::Bf16 => "bf16",
+        })
+    }
+}
+
+#[derive(Debug)]
+enum Storage {
+    Mapped { map: Arc<Mmap>, range: Range<usize>, dtype: StoredDtype },
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+    F16(Vec<f16>),
+}
+
+/// A weight tensor of rank 1–3.
+#[derive(Debug)]
+pub struct Weight {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+impl Weight {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The elements, row-major.
+    pub fn elems(&self) -> Elems<'_> {
+        match &self.storage {
+            Storage::Mapped { map, range, dtype } => {
+                let bytes = &map[range.clone()];
+                // Alignment was checked when the weight was created (else it was copied).
+                match dtype {
+                    StoredDtype::F32 => Elems::F32(bytemuck::cast_slice(bytes)),
+                    StoredDtype::Bf16 => Elems::Bf16(bytemuck::cast_slice(bytes)),
+                    StoredDtype::F16 => Elems::F16(bytemuck::cast_slice(bytes)),
+                    StoredDtype::Other(_) => unreachable!("only float dtypes are mapped"),
+                }
+            }
+            Storage::F32(v) => Elems::F32(v),
+            Storage::Bf16(v) => Elems::Bf16(v),
+            Storage::F16(v) => Elems::F16(v),
+        }
+    }
+
+    /// A rank-2 weight as a matrix.
+    pub fn matrix(&self) -> MatRef<'_> {
+        assert_eq!(self.shape.len(), 2, "matrix() on a rank-{} weight", self.shape.len());
+        MatRef::new(self.elems(), self.shape[0], self.shape[1])
+    }
+
+    /// Slice `i` of a rank-3 weight (`[n, rows, cols]`) as a matrix.
+    pub fn slice3(&self, i: usize) -> MatRef<'_> {
+        assert_eq!(self.shape.len(), 3, "slice3() on a rank-{} weight", self.shape.len());
+        let (rows, cols) = (self.shape[1], self.shape[2]);
+        MatRef::new(self.elems().slice(i * rows * cols, rows * cols), rows, cols)
+    }
+
+    /// Bytes as held in memory (mapped or owned).
+    pub fn bytes(&self) -> usize {
+        self.elems().len() * self.elems().elem_bytes()
+    }
+
+    /// Whether the bytes are borrowed from the checkpoint map (no copy).
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped { .. })
+    }
+}
+
+/// Reads named tensors from a checkpoint, checking shapes and applying the compute dtype.
+pub struct WeightLoader<'c> {
+    ckpt: &'c Checkpoint,
+    compute: ComputeDtype,
+}
+
+impl<'c> WeightLoader<'c> {
+    pub fn new(ckpt: &'c Checkpoint, compute: ComputeDtype) -> Self {
+        Self { ckpt, compute }
+    }
+
+    pub fn checkpoint(&self) -> &'c Checkpoint {
+        self.ckpt
+    }
+
+    fn slice(&self, name: &str, shape: &[usize]) -> Result<TensorSlice, ModelError> {
+        let t = self
+            .ckpt
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_owned(), dir: self.ckpt.dir().to_path_buf() })?;
+        if t.shape != shape {
+            return Err(ModelError::ShapeMismatch { name: name.to_owned(), expected: shape.to_vec(), found: t.shape });
+        }
+        if !matches!(t.dtype, StoredDtype::F32 | StoredDtype::Bf16 | StoredDtype::F16) {
+            return Err(ModelError::UnsupportedDtype { name: name.to_owned(), dtype: t.dtype.to_string() });
+        }
+        Ok(t)
+    }
+
+    /// A weight of the given shape, in the compute dtype.
+    pub fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight, ModelError> {
+        let t = self.slice(name, shape)?;
+        let dtype = t.dtype;
+        let shape = t.shape.clone();
+        let aligned = (t.bytes().as_ptr() as usize).is_multiple_of(dtype.size());
+        let storage = match (dtype, self.compute) {
+            (StoredDtype::F32, ComputeDtype::Bf16) => {
+                Storage::Bf16(read_f32(t.bytes()).into_iter().map(bf16::from_f32).collect())
+            }
+            _ if aligned => {
+                let (map, range) = t.into_mapped();
+                Storage::Mapped { map, range, dtype }
+            }
+            // safetensors does not promise alignment; copy the rare misaligned tensor.
+            (StoredDtype::F32, _) => Storage::F32(read_f32(t.bytes())),
+            (StoredDtype::Bf16, _) => Storage::Bf16(read_u16(t.bytes()).into_iter().map(bf16::from_bits).collect()),
+            (StoredDtype::F16, _) => Storage::F16(read_u16(t.bytes()).into_iter().map(f16::from_bits).collect()),
+            (StoredDtype::Other(_), _) => unreachable!("rejected by slice()"),
+        };
+        Ok(Weight { shape, storage })
+    }
+
+    /// A small tensor (norm weights) widened to an owned f32 vector.
+    pub fn vector_f32(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
+        let t = self.slice(name, &[len])?;
+        Ok(match t.dtype {
+            StoredDtype::F32 => read_f32(t.bytes()),
+            StoredDtype::Bf16 => read_u16(t.bytes()).into_iter().map(|b| bf16::from_bits(b).to_f32()).collect(),
+            StoredDtype::F16 => read_u16(t.bytes()).into_iter().map(|b| f16::from_bits(b).to_f32()).collect(),
+            StoredDtype::Other(_) => unreachable!("rejected by slice()"),
+        })
+    }
+}
+
+fn read_f32(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+fn read_u16(bytes: &[u8]) -> Vec<u16> {
+    bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+}
