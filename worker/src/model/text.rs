@@ -292,37 +292,24 @@ impl TextModel {
 
     /// Bytes of all weights as held (mapped or owned).
     pub fn weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let ffn = match &l.ffn {
-                    FeedForward::Dense(m) => m.bytes(),
-                    FeedForward::Moe(m) => m.bytes(),
-                };
-                l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + ffn
-            })
-            .sum();
-        layers + self.embed.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes)
+        self.layer_bytes(MoeBlock::bytes) + self.embed.bytes() + self.lm_head.as_ref().map_or(0, Weight::bytes)
     }
 
     /// Weight bytes one decoded token reads (attention, dense or shared + top-k experts,
     /// lm_head; the embedding contributes one row). This is the memory-bandwidth cost of a
     /// batch-1 decode step.
     pub fn active_bytes_per_token(&self) -> usize {
-        let layers: usize = self
-            .layers
-            .iter()
-            .map(|l| {
-                let ffn = match &l.ffn {
-                    FeedForward::Dense(m) => m.bytes(),
-                    FeedForward::Moe(m) => m.active_bytes(),
-                };
-                l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + ffn
-            })
-            .sum();
         let head = self.lm_head.as_ref().unwrap_or(&self.embed).bytes();
-        layers + head + self.embed.bytes() / self.config.vocab_size
+        self.layer_bytes(MoeBlock::active_bytes) + head + self.embed.bytes() / self.config.vocab_size
+    }
+
+    /// Decoder-layer weight bytes, counting each MoE block as `moe_bytes` says.
+    fn layer_bytes(&self, moe_bytes: fn(&MoeBlock) -> usize) -> usize {
+        let ffn = |f: &FeedForward| match f {
+            FeedForward::Dense(m) => m.bytes(),
+            FeedForward::Moe(m) => moe_bytes(m),
+        };
+        self.layers.iter().map(|l| l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + ffn(&l.ffn)).sum()
     }
 }
 
