@@ -26,6 +26,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Write a random-weight Llama 4 checkpoint (HF layout) for tests and benchmarks.
     Synth(cli::synth::SynthArgs),
+    /// Run one worker of an expert-parallel group (control: JSON lines on stdin/stdout).
+    Worker(cli::worker::WorkerArgs),
 }
 
 fn main() -> ExitCode {
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => cli::generate::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Synth(args) => cli::synth::run(args),
+        Command::Worker(args) => cli::worker::run(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,21 +6,36 @@
 //!   ([`model::text`], with the MoE block in [`model::moe`]).
 //! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate, incremental detokenising.
 //! - [`chat_template`]: the checkpoint's Jinja chat template rendered as transformers does.
-//! - [`engine`]: KV cache ([`engine::kv_cache`]), sampling ([`engine::sampler`]) and the
-//!   generation loop ([`engine::generate`]).
-//! - [`loaded`]: a checkpoint's model, tokenizer, chat template and generation defaults
-//!   loaded together.
+//! - [`engine`]: the continuous-batching engine ([`engine::scheduler`]) over a paged KV cache
+//!   ([`engine::kv_cache`]), with sampling ([`engine::sampler`]) and stop rules.
+//! - [`control`]: the messages between a worker and its driver (requests in, events out).
+//! - [`lockstep`]: the loop that keeps an expert-parallel group stepping together.
+//! - [`ep`]: expert parallelism — the MoE runner that ships routed tokens to the workers
+//!   holding their experts over a [`transport`] and combines the results.
+//! - [`frontend`]: a checkpoint's config, tokenizer, chat template and generation defaults
+//!   (no weights), and loading the model from it.
+//! - [`placement`]: which workers hold each routed expert (a serde value the coordinator owns).
 //! - [`synth`]: random-weight checkpoints in the Hugging Face layout (presets tiny,
 //!   scout-mini, maverick-mini) so that nothing needs a download.
+//! - [`transport`]: the data plane's collectives (`all_to_all_v`, `barrier`): in-process and TCP (optional mTLS).
 //!
-//! A request flows: text → [`chat_template`] → [`tokenizer`] ids → [`engine::generate`], which
-//! calls [`model::text::TextModel::forward`] once for the prompt and once per new token
-//! (reading and extending the [`engine::kv_cache`]) and picks each token with
-//! [`engine::sampler`] → [`tokenizer`] decodes the stream back to text.
+//! A request flows: text → [`chat_template`] → [`tokenizer`] ids →
+//! [`engine::scheduler::Engine::submit`]. Each engine step runs
+//! [`model::text::TextModel::forward_with`] once over a batch of prefill chunks and decode
+//! tokens on the paged [`engine::kv_cache`]; at every MoE layer an
+//! [`model::moe::ExpertRunner`] runs the routed experts (in process, or [`ep::EpRunner`]
+//! across workers over a [`transport`], kept in step by [`lockstep`]). Each request's
+//! [`engine::sampler`] and [`engine::stop`] rules turn logits into tokens and text, which
+//! leave as [`engine::request::Event`]s ([`control::Report`]s from a worker process).
 
 pub mod chat_template;
+pub mod control;
 pub mod engine;
-pub mod loaded;
+pub mod ep;
+pub mod frontend;
+pub mod lockstep;
 pub mod model;
+pub mod placement;
 pub mod synth;
 pub mod tokenizer;
+pub mod transport;

@@ -239,8 +239,8 @@ impl Tokenizer {
     }
 
     /// A streaming detokenizer over this tokenizer.
-    pub fn stream_decoder(&self, skip_special_tokens: bool) -> StreamDecoder<'_> {
-        StreamDecoder::new(self, skip_special_tokens)
+    pub fn stream_decoder(&self, skip_special_tokens: bool) -> StreamDecoder {
+        StreamDecoder::new(skip_special_tokens)
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
@@ -337,8 +337,11 @@ fn add_config_tokens(inner: &mut tokenizers::Tokenizer, config: Option<&Json>, s
 /// across tokens, and some decoders treat the start of a sequence specially (dropping a leading
 /// space). So each step decodes a short window of earlier ids plus the new ones, and emits the
 /// difference, holding text back while it ends in an incomplete character (U+FFFD).
-pub struct StreamDecoder<'a> {
-    tokenizer: &'a Tokenizer,
+///
+/// The decoder owns only its window, not the tokenizer, so a long-lived request can keep one
+/// beside a shared tokenizer; every call takes the tokenizer it decodes with.
+#[derive(Clone, Debug, Default)]
+pub struct StreamDecoder {
     skip_special_tokens: bool,
     /// The window: `ids[..read]` is already emitted (kept as decoding context),
     /// `ids[read..]` is pending.
@@ -346,16 +349,16 @@ pub struct StreamDecoder<'a> {
     read: usize,
 }
 
-impl<'a> StreamDecoder<'a> {
-    pub fn new(tokenizer: &'a Tokenizer, skip_special_tokens: bool) -> Self {
-        Self { tokenizer, skip_special_tokens, ids: Vec::new(), read: 0 }
+impl StreamDecoder {
+    pub fn new(skip_special_tokens: bool) -> Self {
+        Self { skip_special_tokens, ids: Vec::new(), read: 0 }
     }
 
     /// Adds one id; returns the newly final text (often empty).
-    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
-        let prefix = self.decode(&self.ids[..self.read])?;
-        let full = self.decode(&self.ids)?;
+        let prefix = self.decode(tokenizer, &self.ids[..self.read])?;
+        let full = self.decode(tokenizer, &self.ids)?;
         if full.len() <= prefix.len() || full.ends_with(char::REPLACEMENT_CHARACTER) {
             return Ok(String::new());
         }
@@ -373,9 +376,9 @@ impl<'a> StreamDecoder<'a> {
 
     /// Returns whatever is still held back (an incomplete character comes out as U+FFFD) and
     /// resets the decoder.
-    pub fn flush(&mut self) -> Result<String, TokenizerError> {
-        let prefix = self.decode(&self.ids[..self.read])?;
-        let full = self.decode(&self.ids)?;
+    pub fn flush(&mut self, tokenizer: &Tokenizer) -> Result<String, TokenizerError> {
+        let prefix = self.decode(tokenizer, &self.ids[..self.read])?;
+        let full = self.decode(tokenizer, &self.ids)?;
         self.ids.clear();
         self.read = 0;
         Ok(match full.strip_prefix(prefix.as_str()) {
@@ -384,11 +387,11 @@ impl<'a> StreamDecoder<'a> {
         })
     }
 
-    fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
+    fn decode(&self, tokenizer: &Tokenizer, ids: &[u32]) -> Result<String, TokenizerError> {
         if ids.is_empty() {
             return Ok(String::new());
         }
-        self.tokenizer.decode(ids, self.skip_special_tokens)
+        tokenizer.decode(ids, self.skip_special_tokens)
     }
 }
 
@@ -419,7 +422,7 @@ mod tests {
     fn tokenizer_can_be_shared_between_threads() {
         fn assert_send_sync<T: Send + Sync>() {}
         assert_send_sync::<Tokenizer>();
-        assert_send_sync::<StreamDecoder<'static>>();
+        assert_send_sync::<StreamDecoder>();
     }
 
     #[test]
@@ -486,11 +489,11 @@ mod tests {
             let mut stream = tok.stream_decoder(skip);
             let mut out = String::new();
             for &id in &ids {
-                let piece = stream.push(id).expect("tokenizer call");
+                let piece = stream.push(&tok, id).expect("tokenizer call");
                 assert!(!piece.contains(char::REPLACEMENT_CHARACTER), "{piece:?}");
                 out.push_str(&piece);
             }
-            out.push_str(&stream.flush().expect("tokenizer call"));
+            out.push_str(&stream.flush(&tok).expect("tokenizer call"));
             assert_eq!(out, tok.decode(&ids, skip).expect("tokenizer call"));
         }
     }
@@ -502,13 +505,13 @@ mod tests {
         let bytes: Vec<u32> =
             ["æ", "Ŀ", "±"].iter().map(|t| tok.token_to_id(t).expect("token in vocabulary")).collect();
         let mut stream = tok.stream_decoder(false);
-        assert_eq!(stream.push(bytes[0]).expect("tokenizer call"), "");
-        assert_eq!(stream.push(bytes[1]).expect("tokenizer call"), "");
-        assert_eq!(stream.flush().expect("tokenizer call"), "\u{FFFD}");
-        assert_eq!(stream.push(bytes[0]).expect("tokenizer call"), "");
-        assert_eq!(stream.push(bytes[1]).expect("tokenizer call"), "");
-        assert_eq!(stream.push(bytes[2]).expect("tokenizer call"), "東");
-        assert_eq!(stream.flush().expect("tokenizer call"), "");
+        assert_eq!(stream.push(&tok, bytes[0]).expect("tokenizer call"), "");
+        assert_eq!(stream.push(&tok, bytes[1]).expect("tokenizer call"), "");
+        assert_eq!(stream.flush(&tok).expect("tokenizer call"), "\u{FFFD}");
+        assert_eq!(stream.push(&tok, bytes[0]).expect("tokenizer call"), "");
+        assert_eq!(stream.push(&tok, bytes[1]).expect("tokenizer call"), "");
+        assert_eq!(stream.push(&tok, bytes[2]).expect("tokenizer call"), "東");
+        assert_eq!(stream.flush(&tok).expect("tokenizer call"), "");
     }
 
     #[test]

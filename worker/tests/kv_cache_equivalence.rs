@@ -17,8 +17,12 @@ fn tokens(n: usize, vocab: usize, salt: usize) -> Vec<u32> {
 }
 
 fn prefill_all(model: &TextModel, ids: &[u32]) -> Vec<f32> {
-    let mut cache = model.new_cache();
-    model.forward(&mut [SeqStep { tokens: ids, cache: &mut cache, logits: LogitsFor::All }]).expect("forward").remove(0)
+    let mut pool = model.new_pool();
+    let mut kv = pool.new_seq();
+    model
+        .forward(&mut pool, &mut [SeqStep { tokens: ids, kv: &mut kv, logits: LogitsFor::All }])
+        .expect("forward")
+        .remove(0)
 }
 
 fn check_decode_equals_prefill(case: &str) {
@@ -30,19 +34,23 @@ fn check_decode_equals_prefill(case: &str) {
 
     // Prefill a first piece that ends mid-chunk, then feed the rest one token at a time.
     let split = chunk + 5;
-    let mut cache = model.new_cache();
+    let mut pool = model.new_pool();
+    let mut kv = pool.new_seq();
     let mut rows = model
-        .forward(&mut [SeqStep { tokens: &ids[..split], cache: &mut cache, logits: LogitsFor::All }])
+        .forward(&mut pool, &mut [SeqStep { tokens: &ids[..split], kv: &mut kv, logits: LogitsFor::All }])
         .expect("prefill")
         .remove(0);
     for t in &ids[split..] {
         let row = model
-            .forward(&mut [SeqStep { tokens: std::slice::from_ref(t), cache: &mut cache, logits: LogitsFor::Last }])
+            .forward(
+                &mut pool,
+                &mut [SeqStep { tokens: std::slice::from_ref(t), kv: &mut kv, logits: LogitsFor::Last }],
+            )
             .expect("decode")
             .remove(0);
         rows.extend(row);
     }
-    assert_eq!(cache.len(), ids.len());
+    assert_eq!(kv.len(), ids.len());
     // The kernels fix every reduction order per output element, so the cached path is not
     // just close to the full prefill: it is the same computation.
     assert_eq!(rows.len(), full.len());
@@ -68,13 +76,17 @@ fn batching_does_not_change_a_sequence() {
     let b = tokens(5, vocab, 3);
     let c = tokens(20, vocab, 4);
     let alone = prefill_all(&model, &b);
-    let (mut ca, mut cb, mut cc) = (model.new_cache(), model.new_cache(), model.new_cache());
+    let mut pool = model.new_pool();
+    let (mut ka, mut kb, mut kc) = (pool.new_seq(), pool.new_seq(), pool.new_seq());
     let batched = model
-        .forward(&mut [
-            SeqStep { tokens: &a, cache: &mut ca, logits: LogitsFor::Last },
-            SeqStep { tokens: &b, cache: &mut cb, logits: LogitsFor::All },
-            SeqStep { tokens: &c, cache: &mut cc, logits: LogitsFor::None },
-        ])
+        .forward(
+            &mut pool,
+            &mut [
+                SeqStep { tokens: &a, kv: &mut ka, logits: LogitsFor::Last },
+                SeqStep { tokens: &b, kv: &mut kb, logits: LogitsFor::All },
+                SeqStep { tokens: &c, kv: &mut kc, logits: LogitsFor::None },
+            ],
+        )
         .expect("batch");
     assert_eq!(batched[0].len(), vocab);
     assert_eq!(batched[1], alone);
@@ -101,11 +113,12 @@ fn bf16_compute_stays_close_to_f32() {
 #[test]
 fn out_of_vocabulary_ids_are_rejected_before_any_state_changes() {
     let model = TextModel::load(&model_dir("maverick"), ComputeDtype::F32).expect("load");
-    let mut cache = model.new_cache();
+    let mut pool = model.new_pool();
+    let mut kv = pool.new_seq();
     let bad = [1u32, model.config().vocab_size as u32];
     let err = model
-        .forward(&mut [SeqStep { tokens: &bad, cache: &mut cache, logits: LogitsFor::Last }])
+        .forward(&mut pool, &mut [SeqStep { tokens: &bad, kv: &mut kv, logits: LogitsFor::Last }])
         .expect_err("out of vocabulary");
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
-    assert_eq!(cache.len(), 0);
+    assert_eq!(kv.len(), 0);
 }

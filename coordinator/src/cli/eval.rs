@@ -6,14 +6,17 @@
 //! "greedy_new_ids"}]}`. All prompts are prefilled in one batch and decoded in lockstep, so
 //! eval also checks that batching does not change any sequence's numbers.
 
+use super::engine_flags::{ClusterFlags, EngineFlags, make_backend};
 use super::model_arg;
 use anyhow::{Context, bail};
-use herd_kernels::cpu::activation::argmax;
-use herd_worker::loaded::LoadedModel;
-use herd_worker::model::text::{LogitsFor, SeqStep};
+use herd_coordinator::backend::Backend;
+use herd_worker::engine::request::{Event, Request};
+use herd_worker::engine::sampler::SamplingParams;
+use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
 use serde::Serialize;
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -30,6 +33,10 @@ pub struct EvalArgs {
     /// Compute precision. f32 by default: eval exists to compare against a reference.
     #[arg(long, default_value = "f32")]
     dtype: ComputeDtype,
+    #[command(flatten)]
+    engine: EngineFlags,
+    #[command(flatten)]
+    cluster: ClusterFlags,
     /// Directory where presets are synthesised (default ~/.cache/herd).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -57,9 +64,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let input: Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", args.input.display()))?;
     let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
-    let loaded = LoadedModel::load(&dir, args.dtype).with_context(|| format!("loading {}", dir.display()))?;
-    let (max_new, prompts) = parse_input(&input, &loaded).with_context(|| format!("in {}", args.input.display()))?;
-    let results = evaluate(&loaded, prompts, max_new)?;
+    let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let (max_new, prompts) = parse_input(&input, &frontend).with_context(|| format!("in {}", args.input.display()))?;
+    let mut backend = make_backend(&dir, &frontend, args.dtype, &args.engine, &args.cluster)?;
+    let results = evaluate(backend.as_mut(), prompts, max_new)?;
     let out = EvalOutput { dtype: args.dtype.to_string(), prompts: results };
     let json = serde_json::to_string(&out).context("serialising results")?;
     std::fs::write(&args.output, json).with_context(|| format!("writing {}", args.output.display()))?;
@@ -73,13 +81,13 @@ struct Prompt {
 }
 
 /// `(max_new_tokens, prompts)`, with every prompt tokenized as its kind says.
-fn parse_input(input: &Value, loaded: &LoadedModel) -> anyhow::Result<(usize, Vec<Prompt>)> {
+fn parse_input(input: &Value, frontend: &Frontend) -> anyhow::Result<(usize, Vec<Prompt>)> {
     let max_new = match input.get("max_new_tokens") {
         None => 0,
         Some(v) => v.as_u64().context("max_new_tokens must be a non-negative integer")? as usize,
     };
     let list = input.get("prompts").and_then(Value::as_array).context("expected a \"prompts\" array")?;
-    let vocab = loaded.config.text.vocab_size;
+    let vocab = frontend.config.text.vocab_size;
     let mut prompts = Vec::with_capacity(list.len());
     for (i, p) in list.iter().enumerate() {
         let name = p.get("name").and_then(Value::as_str).map_or_else(|| format!("#{i}"), str::to_owned);
@@ -90,18 +98,18 @@ fn parse_input(input: &Value, loaded: &LoadedModel) -> anyhow::Result<(usize, Ve
             ["messages"] => {
                 let messages =
                     p["messages"].as_array().with_context(|| format!("prompt {name}: messages must be a list"))?;
-                let template = loaded.chat_template.as_ref().with_context(|| {
+                let template = frontend.chat_template.as_ref().with_context(|| {
                     format!("prompt {name}: the model has no chat template; give input_ids or text")
                 })?;
                 let rendered = template
                     .render(messages, true, p.get("tools"))
                     .with_context(|| format!("prompt {name}: rendering the chat template"))?;
                 // The template writes BOS itself; encoding must not add a second.
-                loaded.tokenizer.encode(&rendered, false).with_context(|| format!("prompt {name}"))?
+                frontend.tokenizer.encode(&rendered, false).with_context(|| format!("prompt {name}"))?
             }
             ["text"] => {
                 let text = p["text"].as_str().with_context(|| format!("prompt {name}: text must be a string"))?;
-                loaded.tokenizer.encode(text, true).with_context(|| format!("prompt {name}"))?
+                frontend.tokenizer.encode(text, true).with_context(|| format!("prompt {name}"))?
             }
             _ => bail!("prompt {name}: needs exactly one of input_ids, messages, text"),
         };
@@ -116,45 +124,43 @@ fn parse_input(input: &Value, loaded: &LoadedModel) -> anyhow::Result<(usize, Ve
     Ok((max_new, prompts))
 }
 
-fn evaluate(loaded: &LoadedModel, prompts: Vec<Prompt>, max_new: usize) -> anyhow::Result<Vec<PromptResult>> {
-    let model = &loaded.model;
-    let vocab = model.config().vocab_size;
-    let mut caches: Vec<_> = prompts.iter().map(|_| model.new_cache()).collect();
-    let mut steps: Vec<SeqStep<'_>> = prompts
-        .iter()
-        .zip(caches.iter_mut())
-        .map(|(p, cache)| SeqStep { tokens: &p.ids, cache, logits: LogitsFor::All })
-        .collect();
-    let logits = model.forward(&mut steps)?;
-    drop(steps);
-
-    let mut results: Vec<PromptResult> = prompts
-        .into_iter()
-        .zip(logits)
-        .map(|(Prompt { name, ids: input_ids }, l)| {
-            let argmax: Vec<u32> = l.chunks_exact(vocab).map(|row| argmax(row) as u32).collect();
-            let last_logits = l[l.len() - vocab..].to_vec();
-            PromptResult { name, input_ids, last_logits, argmax, greedy_new_ids: Vec::new() }
-        })
-        .collect();
-
-    // Greedy decoding in lockstep: every sequence feeds its previous pick.
-    let mut next: Vec<u32> = results.iter().map(|r| *r.argmax.last().unwrap_or(&0)).collect();
-    for step in 0..max_new {
-        for (r, &t) in results.iter_mut().zip(&next) {
-            r.greedy_new_ids.push(t);
+/// Run every prompt greedily (not stopping at EOS) with its per-position argmax and last
+/// logits; all prompts are in flight at once, so they share batches.
+fn evaluate(backend: &mut dyn Backend, prompts: Vec<Prompt>, max_new: usize) -> anyhow::Result<Vec<PromptResult>> {
+    // The engine always samples at least one token; with max_new_tokens 0 it is dropped.
+    let params =
+        SamplingParams { temperature: 0.0, max_tokens: max_new.max(1), ignore_eos: true, ..Default::default() };
+    let mut results: BTreeMap<u64, PromptResult> = BTreeMap::new();
+    for (i, p) in prompts.into_iter().enumerate() {
+        let id = i as u64;
+        backend.submit(Request { id, prompt: p.ids.clone(), params: params.clone(), prompt_logits: true })?;
+        let result = PromptResult {
+            name: p.name,
+            input_ids: p.ids,
+            last_logits: Vec::new(),
+            argmax: Vec::new(),
+            greedy_new_ids: Vec::new(),
+        };
+        results.insert(id, result);
+    }
+    let mut open = results.len();
+    while open > 0 {
+        for event in backend.poll()? {
+            let r = results.get_mut(&event.id()).context("event for an unknown request")?;
+            match event {
+                Event::PromptLogits { argmax, last_logits, .. } => {
+                    r.argmax = argmax;
+                    r.last_logits = last_logits;
+                }
+                Event::Token { token, .. } => r.greedy_new_ids.push(token),
+                Event::Finished { .. } => open -= 1,
+                Event::Aborted { error, .. } => bail!("prompt {}: {error}", r.name),
+            }
         }
-        if step + 1 == max_new {
-            break;
-        }
-        let tokens: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
-        let mut steps: Vec<SeqStep<'_>> = tokens
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(t, cache)| SeqStep { tokens: t, cache, logits: LogitsFor::Last })
-            .collect();
-        let logits = model.forward(&mut steps)?;
-        next = logits.iter().map(|l| argmax(l) as u32).collect();
+    }
+    let mut results: Vec<PromptResult> = results.into_values().collect();
+    for r in &mut results {
+        r.greedy_new_ids.truncate(max_new);
     }
     Ok(results)
 }

@@ -1,10 +1,11 @@
 //! `herd generate`: one prompt in, streamed text out, then a line of counts and speeds.
 
+use super::engine_flags::{ClusterFlags, EngineFlags, make_backend};
 use super::{model_arg, sys};
 use anyhow::{Context, bail};
-use herd_worker::engine::generate::generate;
+use herd_worker::engine::request::{Event, Request};
 use herd_worker::engine::sampler::SamplingParams;
-use herd_worker::loaded::LoadedModel;
+use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
 use serde_json::json;
 use std::io::Write;
@@ -31,6 +32,10 @@ pub struct GenerateArgs {
     /// Compute precision of weights (activations and accumulation are always f32).
     #[arg(long, default_value = "bf16")]
     dtype: ComputeDtype,
+    #[command(flatten)]
+    engine: EngineFlags,
+    #[command(flatten)]
+    cluster: ClusterFlags,
     /// Directory where presets are synthesised (default ~/.cache/herd).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -74,8 +79,8 @@ pub struct SamplingFlags {
 }
 
 impl SamplingFlags {
-    fn params(&self, loaded: &LoadedModel) -> SamplingParams {
-        let g = &loaded.generation;
+    fn params(&self, frontend: &Frontend) -> SamplingParams {
+        let g = &frontend.generation;
         let d = SamplingParams::default();
         // generation_config.json's sampling values apply only when it asks to sample, as in
         // transformers; an explicit flag always wins.
@@ -101,41 +106,64 @@ impl SamplingFlags {
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
     let load_started = Instant::now();
-    let loaded = LoadedModel::load(&dir, args.dtype).with_context(|| format!("loading {}", dir.display()))?;
-    let load_time = load_started.elapsed();
+    let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
     let prompt = match (&args.prompt, &args.chat) {
-        (Some(text), None) => loaded.tokenizer.encode(text, true)?,
+        (Some(text), None) => frontend.tokenizer.encode(text, true)?,
         (None, Some(user)) => {
-            let template =
-                loaded.chat_template.as_ref().context("this model has no chat template; use --prompt for raw text")?;
+            let template = frontend
+                .chat_template
+                .as_ref()
+                .context("this model has no chat template; use --prompt for raw text")?;
             let mut messages = Vec::new();
             if let Some(system) = &args.system {
                 messages.push(json!({"role": "system", "content": system}));
             }
             messages.push(json!({"role": "user", "content": user}));
             let rendered = template.render(&messages, true, None).context("rendering the chat template")?;
-            loaded.tokenizer.encode(&rendered, false)?
+            frontend.tokenizer.encode(&rendered, false)?
         }
         _ => bail!("give exactly one of --prompt and --chat"),
     };
-    let params = args.sampling.params(&loaded);
-    let eos = loaded.eos_ids();
+    let params = args.sampling.params(&frontend);
+    params.validate().context("invalid sampling flags")?;
+    let mut backend = make_backend(&dir, &frontend, args.dtype, &args.engine, &args.cluster)?;
+    let load_time = load_started.elapsed();
+
     let mut stdout = std::io::stdout().lock();
-    let generation = generate(&loaded.model, &loaded.tokenizer, &prompt, &params, &eos, |text| {
-        // A closed pipe (e.g. `| head`) must not abort generation with a panic.
-        let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
-    })?;
+    let started = Instant::now();
+    backend.submit(Request { id: 0, prompt: prompt.clone(), params, prompt_logits: false })?;
+    let mut first_token = None;
+    let mut generated = 0usize;
+    let reason = 'outer: loop {
+        for event in backend.poll()? {
+            match event {
+                Event::Token { text, .. } => {
+                    first_token.get_or_insert_with(|| started.elapsed());
+                    generated += 1;
+                    // A closed pipe (e.g. `| head`) must not abort generation with a panic.
+                    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
+                }
+                Event::Finished { reason, .. } => break 'outer reason,
+                Event::Aborted { error, .. } => bail!("generation failed: {error}"),
+                Event::PromptLogits { .. } => {}
+            }
+        }
+    };
+    let prefill = first_token.unwrap_or_default();
+    let decode = started.elapsed().saturating_sub(prefill);
     let rss = sys::peak_rss_bytes().map_or_else(|| "n/a".into(), sys::format_bytes);
+    let workers =
+        if args.cluster.workers == 0 { "in process".to_string() } else { format!("{} workers", args.cluster.workers) };
     let _ = writeln!(
         stdout,
-        "\n[herd] {} prompt + {} generated tokens ({:?}) | load {:.2} s | prefill {:.1} tok/s | decode {:.2} tok/s | weights {} ({}) | peak RSS {}",
-        generation.prompt_tokens,
-        generation.token_ids.len(),
-        generation.stop,
+        "\n[herd] {} prompt + {} generated tokens ({:?}) | {} | load {:.2} s | prefill {:.1} tok/s | decode {:.2} tok/s | {} | peak RSS {}",
+        prompt.len(),
+        generated,
+        reason,
+        workers,
         load_time.as_secs_f64(),
-        generation.prefill_tokens_per_s(),
-        generation.decode_tokens_per_s(),
-        sys::format_bytes(loaded.model.weight_bytes() as u64),
+        prompt.len() as f64 / prefill.as_secs_f64().max(1e-9),
+        generated.saturating_sub(1) as f64 / decode.as_secs_f64().max(1e-9),
         args.dtype,
         rss,
     );

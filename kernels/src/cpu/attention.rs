@@ -32,15 +32,40 @@ pub struct AttnHeads {
     pub head_dim: usize,
 }
 
-/// A key/value history: rows are consecutive absolute positions starting at `first_pos`.
+/// A key/value history stored in fixed-size blocks (a paged KV cache).
+///
+/// Rows are consecutive absolute positions starting at `first_pos`; row `i` lives in block
+/// `blocks[i / block_tokens]` at offset `i % block_tokens`. A contiguous history is the
+/// special case of one block holding every row.
 #[derive(Clone, Copy, Debug)]
 pub struct KvHistory<'a> {
-    /// `[len, kv_heads, head_dim]`
+    /// `[pool blocks, block_tokens, kv_heads · head_dim]`
     pub keys: &'a [f32],
-    /// `[len, kv_heads, head_dim]`
+    /// `[pool blocks, block_tokens, kv_heads · head_dim]`
     pub values: &'a [f32],
-    /// Absolute position of row 0.
+    /// Block ids in position order.
+    pub blocks: &'a [u32],
+    pub block_tokens: usize,
+    /// Absolute position of the first row of `blocks[0]`.
     pub first_pos: usize,
+    /// Valid rows from `first_pos`.
+    pub len: usize,
+}
+
+impl<'a> KvHistory<'a> {
+    /// A contiguous history (`[len, row]` keys and values) viewed as a single block.
+    pub fn contiguous(keys: &'a [f32], values: &'a [f32], row: usize, first_pos: usize) -> Self {
+        assert_eq!(keys.len(), values.len());
+        let len = keys.len() / row;
+        Self { keys, values, blocks: &[0], block_tokens: len.max(1), first_pos, len }
+    }
+
+    /// Element offset of the row at absolute position `pos`.
+    #[inline]
+    fn row_offset(&self, pos: usize, row: usize) -> usize {
+        let i = pos - self.first_pos;
+        (self.blocks[i / self.block_tokens] as usize * self.block_tokens + i % self.block_tokens) * row
+    }
 }
 
 /// `out[t, h] = softmax(q[t, h] · Kᵀ · scale + mask) · V` for each query token `t` at
@@ -61,7 +86,7 @@ pub fn attention(
     assert_eq!(out.len(), q.len());
     let row = kv_heads * d;
     assert_eq!(kv.keys.len(), kv.values.len());
-    let len = kv.keys.len() / row;
+    let len = kv.len;
     let group = q_heads / kv_heads;
     let job = |scores: &mut Vec<f32>, idx: usize, o: &mut [f32]| {
         let (t, h) = (idx / q_heads, idx % q_heads);
@@ -78,8 +103,8 @@ pub fn attention(
         scores.clear();
         let mut max = f32::NEG_INFINITY;
         for pos in lo..=p {
-            let r = pos - kv.first_pos;
-            let s = dot(qv, &kv.keys[r * row + g * d..r * row + (g + 1) * d]) * scale;
+            let r = kv.row_offset(pos, row) + g * d;
+            let s = dot(qv, &kv.keys[r..r + d]) * scale;
             max = max.max(s);
             scores.push(s);
         }
@@ -90,9 +115,9 @@ pub fn attention(
         }
         o.fill(0.0);
         for (i, pos) in (lo..=p).enumerate() {
-            let r = pos - kv.first_pos;
+            let r = kv.row_offset(pos, row) + g * d;
             let w = scores[i] / sum;
-            let vv = &kv.values[r * row + g * d..r * row + (g + 1) * d];
+            let vv = &kv.values[r..r + d];
             for (a, &b) in o.iter_mut().zip(vv) {
                 *a += w * b;
             }
@@ -168,7 +193,7 @@ mod tests {
         let q: Vec<f32> = (0..pos.len() * 20).map(|i| f(i + 11)).collect();
         for mask in [AttnMask::Causal, AttnMask::Chunked { chunk: 4 }] {
             let mut out = vec![0.0; q.len()];
-            let kv = KvHistory { keys: &k, values: &v, first_pos: 0 };
+            let kv = KvHistory::contiguous(&k, &v, 10, 0);
             attention(&q, &pos, kv, h, 0.3, mask, &mut out);
             let want = reference(&q, &pos, &k, &v, h, 0.3, mask);
             for (g, w) in out.iter().zip(&want) {
@@ -183,7 +208,7 @@ mod tests {
         let k = vec![1.0f32; 12];
         let v: Vec<f32> = (0..12).map(|i| i as f32).collect();
         let mut out = vec![0.0; 2];
-        let kv = KvHistory { keys: &k, values: &v, first_pos: 0 };
+        let kv = KvHistory::contiguous(&k, &v, 2, 0);
         attention(&[1.0, 1.0], &[4], kv, h, 1.0, AttnMask::Chunked { chunk: 4 }, &mut out);
         assert_eq!(out, vec![8.0, 9.0]);
     }
@@ -196,10 +221,23 @@ mod tests {
         let q = vec![0.5f32, -0.2, 0.1, 0.3, 0.3, -0.7];
         let mask = AttnMask::Chunked { chunk: 4 };
         let mut full = vec![0.0; 6];
-        attention(&q, &[9], KvHistory { keys: &k, values: &v, first_pos: 0 }, h, 0.5, mask, &mut full);
+        attention(&q, &[9], KvHistory::contiguous(&k, &v, 3, 0), h, 0.5, mask, &mut full);
         let mut window = vec![0.0; 6];
-        let kv = KvHistory { keys: &k[8 * 3..], values: &v[8 * 3..], first_pos: 8 };
+        let kv = KvHistory::contiguous(&k[8 * 3..], &v[8 * 3..], 3, 8);
         attention(&q, &[9], kv, h, 0.5, mask, &mut window);
         assert_eq!(full, window);
+        // The same rows scattered over blocks of 2, in a shuffled pool.
+        let order = [3u32, 0, 4, 1, 2];
+        let (mut pk, mut pv) = (vec![0.0f32; 30], vec![0.0f32; 30]);
+        for (i, &b) in order.iter().enumerate() {
+            let src = i * 2 * 3;
+            let dst = b as usize * 2 * 3;
+            pk[dst..dst + 6].copy_from_slice(&k[src..src + 6]);
+            pv[dst..dst + 6].copy_from_slice(&v[src..src + 6]);
+        }
+        let paged = KvHistory { keys: &pk, values: &pv, blocks: &order, block_tokens: 2, first_pos: 0, len: 10 };
+        let mut out = vec![0.0; 6];
+        attention(&q, &[9], paged, h, 0.5, mask, &mut out);
+        assert_eq!(full, out);
     }
 }

@@ -1,40 +1,42 @@
-//! Per-sequence key/value history, one growable buffer per layer.
+//! The paged KV cache: one pool of fixed-size blocks under a memory budget, and per
+//! sequence a block table for every layer.
 //!
-//! Keys are stored after RoPE and QK-norm (what attention consumes); temperature tuning
-//! touches only queries. Chunked-attention layers keep only the current chunk: a query at
-//! position `p` never looks before `floor(p / chunk) · chunk`, so older rows are dropped as
-//! soon as a step starts in a new chunk. (A paged, budgeted cache replaces this with the
-//! batching engine.)
+//! A block holds `block_tokens` consecutive positions of one layer's keys and values
+//! (after RoPE and QK-norm; temperature tuning touches only queries). Full-attention layers
+//! keep every block of a sequence. Chunked-attention layers need only the current chunk: a
+//! query at position `p` never looks before `floor(p / chunk) · chunk`, so whole blocks
+//! before that are returned to the pool as soon as a step starts past them.
+//!
+//! The engine admits a request only when the pool can hold its worst case
+//! ([`KvPool::blocks_for`]), so appends never run out of blocks mid-step.
 
-use crate::model::config::TextConfig;
+use crate::model::config::{LayerAttention, TextConfig};
 use herd_kernels::cpu::attention::KvHistory;
 
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum KvError {
+    #[error("KV cache budget of {budget} bytes holds no block of {block} bytes")]
+    BudgetTooSmall { budget: usize, block: usize },
+    #[error("KV cache pool is out of blocks ({total} in all)")]
+    OutOfBlocks { total: usize },
+}
+
 #[derive(Clone, Debug, Default)]
-struct LayerKv {
-    keys: Vec<f32>,   // [rows, kv_heads · head_dim]
-    values: Vec<f32>, // [rows, kv_heads · head_dim]
-    /// Absolute position of row 0.
+struct LayerBlocks {
+    blocks: Vec<u32>,
+    /// Absolute position of the first row of `blocks[0]` (a multiple of the block size).
     first_pos: usize,
 }
 
-/// The KV history of one sequence.
-#[derive(Clone, Debug)]
-pub struct KvCache {
-    layers: Vec<LayerKv>,
-    row: usize,
+/// One sequence's block tables. Create with [`KvPool::new_seq`], free with [`KvPool::release`].
+#[derive(Debug)]
+pub struct SeqKv {
+    layers: Vec<LayerBlocks>,
     len: usize,
 }
 
-impl KvCache {
-    pub fn new(config: &TextConfig) -> Self {
-        Self {
-            layers: vec![LayerKv::default(); config.num_hidden_layers],
-            row: config.num_key_value_heads * config.head_dim,
-            len: 0,
-        }
-    }
-
-    /// Tokens whose keys and values are in the cache (the next token's position).
+impl SeqKv {
+    /// Positions whose keys and values are cached (the next token's position).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -43,35 +45,289 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Append the rows of this step's tokens to `layer`, first dropping rows before
-    /// `keep_from` (an absolute position; `0` keeps everything).
-    pub fn append(&mut self, layer: usize, keys: &[f32], values: &[f32], keep_from: usize) {
-        assert_eq!(keys.len(), values.len());
-        assert_eq!(keys.len() % self.row, 0);
-        let l = &mut self.layers[layer];
-        if keep_from > l.first_pos {
-            let drop_rows = (keep_from - l.first_pos).min(l.keys.len() / self.row);
-            l.keys.drain(..drop_rows * self.row);
-            l.values.drain(..drop_rows * self.row);
-            l.first_pos += drop_rows;
-        }
-        l.keys.extend_from_slice(keys);
-        l.values.extend_from_slice(values);
-    }
-
-    /// The rows of `layer` (including any appended in the current step).
-    pub fn history(&self, layer: usize) -> KvHistory<'_> {
-        let l = &self.layers[layer];
-        KvHistory { keys: &l.keys, values: &l.values, first_pos: l.first_pos }
-    }
-
     /// Mark `n` more tokens as cached once every layer has appended them.
     pub fn commit(&mut self, n: usize) {
         self.len += n;
     }
 
-    /// Bytes held by keys and values.
-    pub fn bytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.keys.len() + l.values.len()) * 4).sum()
+    /// Blocks currently held over all layers.
+    pub fn blocks(&self) -> usize {
+        self.layers.iter().map(|l| l.blocks.len()).sum()
+    }
+}
+
+/// Blocks of keys and values shared by all sequences of one worker.
+#[derive(Debug)]
+pub struct KvPool {
+    block_tokens: usize,
+    /// `kv_heads · head_dim`
+    row: usize,
+    layers: usize,
+    /// Per layer: `Some(chunk)` for chunked attention.
+    chunks: Vec<Option<usize>>,
+    keys: Vec<f32>,   // [blocks, block_tokens, row]
+    values: Vec<f32>, // [blocks, block_tokens, row]
+    free: Vec<u32>,
+    /// `None`: grow on demand (single-sequence tools and tests).
+    capacity: Option<usize>,
+}
+
+/// Default positions per block: small enough that a short request wastes little, large
+/// enough that block-table lookups stay cheap.
+pub const DEFAULT_BLOCK_TOKENS: usize = 16;
+
+impl KvPool {
+    /// A pool of as many blocks as `budget_bytes` holds.
+    pub fn new(config: &TextConfig, budget_bytes: usize, block_tokens: usize) -> Result<Self, KvError> {
+        let mut pool = Self::unbounded(config, block_tokens);
+        let blocks = budget_bytes / pool.block_bytes();
+        if blocks == 0 {
+            return Err(KvError::BudgetTooSmall { budget: budget_bytes, block: pool.block_bytes() });
+        }
+        let elems = blocks * block_tokens * pool.row;
+        // Zeroed allocations are lazily backed: untouched blocks cost no resident memory.
+        pool.keys = vec![0.0; elems];
+        pool.values = vec![0.0; elems];
+        pool.free = (0..blocks as u32).rev().collect();
+        pool.capacity = Some(blocks);
+        Ok(pool)
+    }
+
+    /// A pool that grows as sequences need blocks.
+    pub fn unbounded(config: &TextConfig, block_tokens: usize) -> Self {
+        assert!(block_tokens > 0);
+        let chunks = config
+            .layers
+            .iter()
+            .map(|l| match (l.attention, config.attention_chunk_size) {
+                (LayerAttention::Chunked, Some(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        Self {
+            block_tokens,
+            row: config.num_key_value_heads * config.head_dim,
+            layers: config.num_hidden_layers,
+            chunks,
+            keys: Vec::new(),
+            values: Vec::new(),
+            free: Vec::new(),
+            capacity: None,
+        }
+    }
+
+    pub fn block_tokens(&self) -> usize {
+        self.block_tokens
+    }
+
+    /// Bytes of one block (keys and values of one layer for `block_tokens` positions).
+    pub fn block_bytes(&self) -> usize {
+        2 * self.block_tokens * self.row * std::mem::size_of::<f32>()
+    }
+
+    /// Blocks in the pool (`None` if it grows on demand).
+    pub fn total_blocks(&self) -> Option<usize> {
+        self.capacity
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    pub fn new_seq(&self) -> SeqKv {
+        SeqKv { layers: vec![LayerBlocks::default(); self.layers], len: 0 }
+    }
+
+    /// The most blocks a sequence of `total_len` positions can hold at once when each step
+    /// adds at most `step_tokens` of them: all blocks on full layers; on chunked layers the
+    /// current chunk plus one step's tokens, plus one block of misalignment at each end.
+    pub fn blocks_for(&self, total_len: usize, step_tokens: usize) -> usize {
+        let full = total_len.div_ceil(self.block_tokens);
+        self.chunks
+            .iter()
+            .map(|c| match c {
+                None => full,
+                Some(chunk) => full.min((chunk + step_tokens).div_ceil(self.block_tokens) + 1),
+            })
+            .sum()
+    }
+
+    /// Write this step's keys and values (`[n, row]` each) of `layer` at positions
+    /// `seq.len()..seq.len() + n`, first freeing the layer's blocks that lie wholly before
+    /// `keep_from` (an absolute position no query of this step looks before).
+    pub fn append(
+        &mut self,
+        seq: &mut SeqKv,
+        layer: usize,
+        keys: &[f32],
+        values: &[f32],
+        keep_from: usize,
+    ) -> Result<(), KvError> {
+        assert_eq!(keys.len(), values.len());
+        assert_eq!(keys.len() % self.row, 0);
+        let (bt, row) = (self.block_tokens, self.row);
+        let start = seq.len;
+        let n = keys.len() / row;
+        let l = &mut seq.layers[layer];
+        while !l.blocks.is_empty() && l.first_pos + bt <= keep_from.min(start) {
+            self.free.push(l.blocks.remove(0));
+            l.first_pos += bt;
+        }
+        if l.blocks.is_empty() {
+            l.first_pos = start / bt * bt;
+        }
+        while l.first_pos + l.blocks.len() * bt < start + n {
+            let block = match self.free.pop() {
+                Some(b) => b,
+                None if self.capacity.is_none() => {
+                    let id = (self.keys.len() / (bt * row)) as u32;
+                    self.keys.resize(self.keys.len() + bt * row, 0.0);
+                    self.values.resize(self.values.len() + bt * row, 0.0);
+                    id
+                }
+                None => return Err(KvError::OutOfBlocks { total: self.capacity.unwrap_or(0) }),
+            };
+            l.blocks.push(block);
+        }
+        for i in 0..n {
+            let idx = start + i - l.first_pos;
+            let at = (l.blocks[idx / bt] as usize * bt + idx % bt) * row;
+            self.keys[at..at + row].copy_from_slice(&keys[i * row..(i + 1) * row]);
+            self.values[at..at + row].copy_from_slice(&values[i * row..(i + 1) * row]);
+        }
+        Ok(())
+    }
+
+    /// The cached rows of `layer`, including any appended in the current step (`pending`
+    /// rows past `seq.len()`).
+    pub fn history<'a>(&'a self, seq: &'a SeqKv, layer: usize, pending: usize) -> KvHistory<'a> {
+        let l = &seq.layers[layer];
+        KvHistory {
+            keys: &self.keys,
+            values: &self.values,
+            blocks: &l.blocks,
+            block_tokens: self.block_tokens,
+            first_pos: l.first_pos,
+            len: seq.len + pending - l.first_pos,
+        }
+    }
+
+    /// Return every block of `seq` to the pool and reset it.
+    pub fn release(&mut self, seq: &mut SeqKv) {
+        for l in &mut seq.layers {
+            self.free.append(&mut l.blocks);
+            l.first_pos = 0;
+        }
+        seq.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::LayerSpec;
+
+    fn config(chunk: usize) -> TextConfig {
+        let layer =
+            |attention| LayerSpec { uses_rope: true, attention, moe: false, qk_norm: false, temperature_tuning: false };
+        TextConfig {
+            vocab_size: 10,
+            hidden_size: 4,
+            intermediate_size: 4,
+            intermediate_size_mlp: 4,
+            num_hidden_layers: 2,
+            num_attention_heads: 1,
+            num_key_value_heads: 1,
+            head_dim: 2,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: None,
+            attention_chunk_size: Some(chunk),
+            floor_scale: 8192.0,
+            attn_scale: 0.1,
+            num_local_experts: 1,
+            num_experts_per_tok: 1,
+            tie_word_embeddings: false,
+            bos_token_id: None,
+            eos_token_ids: vec![],
+            pad_token_id: None,
+            max_position_embeddings: 1 << 20,
+            layers: vec![layer(LayerAttention::Full), layer(LayerAttention::Chunked)],
+        }
+    }
+
+    fn rows(start: usize, n: usize) -> Vec<f32> {
+        (start..start + n).flat_map(|p| [p as f32, -(p as f32)]).collect()
+    }
+
+    /// Read back the key rows a history exposes.
+    fn read(pool: &KvPool, seq: &SeqKv, layer: usize) -> Vec<f32> {
+        let h = pool.history(seq, layer, 0);
+        (h.first_pos..h.first_pos + h.len)
+            .flat_map(|p| {
+                let i = p - h.first_pos;
+                let at = (h.blocks[i / h.block_tokens] as usize * h.block_tokens + i % h.block_tokens) * 2;
+                h.keys[at..at + 2].to_vec()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_layers_keep_everything_and_chunked_layers_free_old_chunks() {
+        let cfg = config(8);
+        let mut pool = KvPool::new(&cfg, 64 * 4 * 2 * 2 * 4, 4).expect("pool");
+        assert_eq!(pool.total_blocks(), Some(64));
+        let mut seq = pool.new_seq();
+        let mut pos = 0;
+        for n in [5, 1, 1, 6, 1, 9] {
+            for layer in 0..2 {
+                let keep = if layer == 1 { pos / 8 * 8 } else { 0 };
+                pool.append(&mut seq, layer, &rows(pos, n), &rows(pos, n), keep).expect("append");
+            }
+            seq.commit(n);
+            pos += n;
+        }
+        assert_eq!(seq.len(), 23);
+        assert_eq!(read(&pool, &seq, 0), rows(0, 23));
+        // The last step started at 14 (chunk 8..16), so rows before 8 are gone.
+        let h = pool.history(&seq, 1, 0);
+        assert_eq!(h.first_pos, 8);
+        assert_eq!(read(&pool, &seq, 1), rows(8, 15));
+        assert_eq!(pool.free_blocks(), 64 - seq.blocks());
+        pool.release(&mut seq);
+        assert_eq!(pool.free_blocks(), 64);
+    }
+
+    #[test]
+    fn worst_case_reservation_bounds_what_a_sequence_holds() {
+        let cfg = config(8);
+        let mut pool = KvPool::new(&cfg, 1 << 20, 4).expect("pool");
+        let (total, step) = (50, 6);
+        let bound = pool.blocks_for(total, step);
+        let mut seq = pool.new_seq();
+        let mut peak = 0;
+        let mut pos = 0;
+        while pos < total {
+            let n = step.min(total - pos);
+            for layer in 0..2 {
+                let keep = if layer == 1 { pos / 8 * 8 } else { 0 };
+                pool.append(&mut seq, layer, &rows(pos, n), &rows(pos, n), keep).expect("append");
+            }
+            seq.commit(n);
+            pos += n;
+            peak = peak.max(seq.blocks());
+        }
+        assert!(peak <= bound, "peak {peak} > reserved {bound}");
+    }
+
+    #[test]
+    fn a_full_pool_is_an_error_and_a_tiny_budget_is_rejected() {
+        let cfg = config(8);
+        let block = 2 * 4 * 2 * 4;
+        assert_eq!(KvPool::new(&cfg, block - 1, 4).err(), Some(KvError::BudgetTooSmall { budget: block - 1, block }));
+        let mut pool = KvPool::new(&cfg, block, 4).expect("pool");
+        let mut seq = pool.new_seq();
+        pool.append(&mut seq, 0, &rows(0, 4), &rows(0, 4), 0).expect("fits");
+        assert_eq!(pool.append(&mut seq, 1, &rows(0, 1), &rows(0, 1), 0), Err(KvError::OutOfBlocks { total: 1 }));
     }
 }

@@ -1,6 +1,11 @@
-//! Running the model: KV cache, sampling, stop conditions and the generation loop.
+//! Running the model: the continuous-batching engine and its parts.
+//!
+//! [`scheduler::Engine`] admits [`request::Request`]s under the [`kv_cache`] budget, runs one
+//! batched forward pass per step, and turns logits into tokens with each request's
+//! [`sampler`] and [`stop`] rules.
 
-pub mod generate;
 pub mod kv_cache;
+pub mod request;
 pub mod sampler;
+pub mod scheduler;
 pub mod stop;

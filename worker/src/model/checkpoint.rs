@@ -1,14 +1,19 @@
-//! Memory-mapped safetensors checkpoints: `model.safetensors`, or shards listed by
+//! Safetensors checkpoints: `model.safetensors`, or shards listed by
 //! `model.safetensors.index.json`.
 //!
-//! Opening validates every file's header against its length (a truncated download fails
-//! here, naming the file) and builds a name → location table. Tensor bytes are never copied:
-//! [`TensorSlice`] borrows straight from the map, and the OS pages weights in on first use.
+//! Opening reads only each file's header and validates it against the file length (a
+//! truncated download fails here, naming the file). Tensor bytes are never read up front:
+//! [`TensorSlice::map`] memory-maps exactly one tensor's bytes, and
+//! [`TensorSlice::map_range`] a part of one (a worker maps only the routed experts it
+//! holds), so the OS pages in nothing a worker does not use.
 
-use memmap2::Mmap;
-use safetensors::{Dtype, SafeTensors};
+use memmap2::{Mmap, MmapOptions};
+use safetensors::Dtype;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
+use std::io::Read;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,6 +29,8 @@ pub enum CheckpointError {
     BadIndex { path: PathBuf, message: String },
     #[error("tensor {name} appears in both {first} and {second}")]
     Duplicate { name: String, first: PathBuf, second: PathBuf },
+    #[error("cannot map {name} from {path}: {source}")]
+    Map { name: String, path: PathBuf, source: std::io::Error },
 }
 
 /// Element types herd reads from checkpoints.
@@ -37,13 +44,13 @@ pub enum StoredDtype {
 }
 
 impl StoredDtype {
-    fn from_safetensors(d: Dtype) -> Self {
-        match d {
-            Dtype::F32 => StoredDtype::F32,
-            Dtype::BF16 => StoredDtype::Bf16,
-            Dtype::F16 => StoredDtype::F16,
-            other => StoredDtype::Other(other),
-        }
+    fn parse(name: &str) -> Option<Self> {
+        Some(match name {
+            "F32" => StoredDtype::F32,
+            "BF16" => StoredDtype::Bf16,
+            "F16" => StoredDtype::F16,
+            other => StoredDtype::Other(serde_json::from_value(serde_json::Value::String(other.to_owned())).ok()?),
+        })
     }
 
     pub fn size(self) -> usize {
@@ -71,99 +78,103 @@ struct Entry {
     file: usize,
     dtype: StoredDtype,
     shape: Vec<usize>,
-    /// Byte range within the mapped file.
-    start: usize,
-    end: usize,
+    /// Absolute byte offsets in the file.
+    start: u64,
+    end: u64,
 }
 
-/// One mapped file.
 #[derive(Debug)]
-struct MappedFile {
+struct ShardFile {
     path: PathBuf,
-    map: Arc<Mmap>,
+    file: Arc<File>,
 }
 
-/// The tensors of a checkpoint directory.
+/// The tensors of a checkpoint directory (headers only; bytes are mapped on demand).
 #[derive(Debug)]
 pub struct Checkpoint {
     dir: PathBuf,
-    files: Vec<MappedFile>,
+    files: Vec<ShardFile>,
     tensors: HashMap<String, Entry>,
 }
 
-/// A tensor's metadata and its bytes inside the shared map.
+/// A tensor's metadata and where its bytes are; nothing is read or mapped yet.
 #[derive(Clone, Debug)]
 pub struct TensorSlice {
     pub name: String,
     pub dtype: StoredDtype,
     pub shape: Vec<usize>,
     pub path: PathBuf,
-    map: Arc<Mmap>,
-    start: usize,
-    end: usize,
+    file: Arc<File>,
+    start: u64,
+    end: u64,
 }
 
 impl TensorSlice {
-    pub fn bytes(&self) -> &[u8] {
-        &self.map[self.start..self.end]
-    }
-
-    /// The map and byte range, for callers that keep the tensor alive beyond the checkpoint.
-    pub fn into_mapped(self) -> (Arc<Mmap>, std::ops::Range<usize>) {
-        (self.map, self.start..self.end)
-    }
-
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
+    }
+
+    pub fn byte_len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+
+    /// Map the whole tensor; returns the map and the tensor's bytes within it.
+    pub fn map(&self) -> Result<(Arc<Mmap>, Range<usize>), CheckpointError> {
+        self.map_range(0..self.byte_len())
+    }
+
+    /// Map bytes `range` of the tensor (e.g. one expert of a fused expert tensor).
+    pub fn map_range(&self, range: Range<usize>) -> Result<(Arc<Mmap>, Range<usize>), CheckpointError> {
+        assert!(range.end <= self.byte_len(), "{}: byte range {range:?} beyond {}", self.name, self.byte_len());
+        // SAFETY: the map is read-only and herd never writes checkpoint files it serves. A file
+        // truncated underneath a running process would fault, as for any mmap-based loader
+        // (llama.cpp, vLLM's safetensors path).
+        let map = unsafe {
+            MmapOptions::new().offset(self.start + range.start as u64).len(range.len()).map(self.file.as_ref())
+        }
+        .map_err(|source| CheckpointError::Map { name: self.name.clone(), path: self.path.clone(), source })?;
+        let len = map.len();
+        Ok((Arc::new(map), 0..len))
+    }
+
+    /// Read the whole tensor into memory (for small tensors such as norm weights).
+    pub fn read(&self) -> Result<Vec<u8>, CheckpointError> {
+        let mut buf = vec![0u8; self.byte_len()];
+        self.file.read_exact_at(&mut buf, self.start).map_err(|source| CheckpointError::Map {
+            name: self.name.clone(),
+            path: self.path.clone(),
+            source,
+        })?;
+        Ok(buf)
     }
 }
 
 impl Checkpoint {
-    /// Map every weight file of `dir`.
+    /// Read and validate the headers of every weight file of `dir`.
     pub fn open(dir: &Path) -> Result<Self, CheckpointError> {
         let single = dir.join("model.safetensors");
         let index = dir.join("model.safetensors.index.json");
-        let files: Vec<PathBuf> = if index.is_file() {
+        let paths: Vec<PathBuf> = if index.is_file() {
             shard_files(dir, &index)?
         } else if single.is_file() {
             vec![single]
         } else {
             return Err(CheckpointError::NoWeights { dir: dir.to_path_buf() });
         };
-        let mut mapped = Vec::with_capacity(files.len());
+        let mut files = Vec::with_capacity(paths.len());
         let mut tensors: HashMap<String, Entry> = HashMap::new();
-        for (fi, path) in files.into_iter().enumerate() {
-            let file = File::open(&path).map_err(|source| CheckpointError::Open { path: path.clone(), source })?;
-            // SAFETY: the map is read-only; herd never writes checkpoint files while serving
-            // them. A file truncated underneath a running process would fault, as it would
-            // for any mmap-based loader (llama.cpp, vLLM's safetensors path).
-            let map =
-                unsafe { Mmap::map(&file) }.map_err(|source| CheckpointError::Open { path: path.clone(), source })?;
-            let corrupt = |message: String| CheckpointError::Corrupt { path: path.clone(), message };
-            let st = SafeTensors::deserialize(&map).map_err(|e| corrupt(e.to_string()))?;
-            let base = map.as_ptr() as usize;
-            for (name, view) in st.tensors() {
-                let start = view.data().as_ptr() as usize - base;
-                let end = start + view.data().len();
+        for (fi, path) in paths.into_iter().enumerate() {
+            let mut file = File::open(&path).map_err(|source| CheckpointError::Open { path: path.clone(), source })?;
+            for (name, entry) in read_header(&mut file, &path, fi)? {
                 if let Some(prev) = tensors.get(&name) {
-                    return Err(CheckpointError::Duplicate {
-                        name,
-                        first: mapped_path(&mapped, prev.file, &path),
-                        second: path.clone(),
-                    });
+                    let first = files.get(prev.file).map_or_else(|| path.clone(), |f: &ShardFile| f.path.clone());
+                    return Err(CheckpointError::Duplicate { name, first, second: path.clone() });
                 }
-                let entry = Entry {
-                    file: fi,
-                    dtype: StoredDtype::from_safetensors(view.dtype()),
-                    shape: view.shape().to_vec(),
-                    start,
-                    end,
-                };
                 tensors.insert(name, entry);
             }
-            mapped.push(MappedFile { path, map: Arc::new(map) });
+            files.push(ShardFile { path, file: Arc::new(file) });
         }
-        Ok(Self { dir: dir.to_path_buf(), files: mapped, tensors })
+        Ok(Self { dir: dir.to_path_buf(), files, tensors })
     }
 
     pub fn dir(&self) -> &Path {
@@ -182,7 +193,7 @@ impl Checkpoint {
             dtype: e.dtype,
             shape: e.shape.clone(),
             path: f.path.clone(),
-            map: Arc::clone(&f.map),
+            file: Arc::clone(&f.file),
             start: e.start,
             end: e.end,
         })
@@ -197,15 +208,77 @@ impl Checkpoint {
 
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
-        self.tensors.values().map(|e| (e.end - e.start) as u64).sum()
+        self.tensors.values().map(|e| e.end - e.start).sum()
     }
 }
 
-fn mapped_path(mapped: &[MappedFile], idx: usize, current: &Path) -> PathBuf {
-    mapped.get(idx).map(|m| m.path.clone()).unwrap_or_else(|| current.to_path_buf())
+/// Safetensors headers are JSON and tiny next to the data; anything larger is not a header.
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Parse one file's header: `u64` length, JSON `{name: {dtype, shape, data_offsets}}`, then
+/// the data, which must fill the rest of the file exactly.
+fn read_header(file: &mut File, path: &Path, fi: usize) -> Result<Vec<(String, Entry)>, CheckpointError> {
+    let corrupt = |message: String| CheckpointError::Corrupt { path: path.to_path_buf(), message };
+    let file_len = file.metadata().map_err(|source| CheckpointError::Open { path: path.to_path_buf(), source })?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes).map_err(|_| corrupt(format!("{file_len} bytes is too short for a header")))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_BYTES || 8 + header_len > file_len {
+        return Err(corrupt(format!("header length {header_len} does not fit in a {file_len}-byte file")));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).map_err(|e| corrupt(format!("reading the header: {e}")))?;
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| corrupt(format!("header is not a JSON object: {e}")))?;
+    let data_start = 8 + header_len;
+    let data_len = file_len - data_start;
+    let mut entries = Vec::with_capacity(json.len());
+    let mut covered: Vec<(u64, u64)> = Vec::with_capacity(json.len());
+    for (name, info) in json {
+        if name == "__metadata__" {
+            continue;
+        }
+        let bad = |what: &str| corrupt(format!("tensor {name}: {what}"));
+        let dtype = info
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .and_then(StoredDtype::parse)
+            .ok_or_else(|| bad("missing or unknown dtype"))?;
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad("missing or invalid shape"))?;
+        let offsets: [u64; 2] = info
+            .get("data_offsets")
+            .and_then(|o| serde_json::from_value(o.clone()).ok())
+            .ok_or_else(|| bad("missing or invalid data_offsets"))?;
+        let [s, e] = offsets;
+        let want = shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64));
+        if s > e || Some(e - s) != want {
+            return Err(bad(&format!("data_offsets {offsets:?} do not hold shape {shape:?} of {dtype}")));
+        }
+        if e > data_len {
+            return Err(bad(&format!("data ends at byte {e}, but the file has only {data_len} data bytes")));
+        }
+        covered.push((s, e));
+        entries.push((name, Entry { file: fi, dtype, shape, start: data_start + s, end: data_start + e }));
+    }
+    // Like the reference loader: the tensors must tile the data section exactly.
+    covered.sort_unstable();
+    let mut at = 0;
+    for (s, e) in covered {
+        if s != at {
+            return Err(corrupt(format!("data is not contiguous at byte {at} (next tensor starts at {s})")));
+        }
+        at = e;
+    }
+    if at != data_len {
+        return Err(corrupt(format!("tensors cover {at} data bytes, the file has {data_len}")));
+    }
+    Ok(entries)
 }
 
-/// The distinct shard files of an index, in first-appearance order of the sorted weight map.
+/// The distinct shard files of an index, in sorted order.
 fn shard_files(dir: &Path, index: &Path) -> Result<Vec<PathBuf>, CheckpointError> {
     let bad = |message: String| CheckpointError::BadIndex { path: index.to_path_buf(), message };
     let text =
@@ -254,7 +327,9 @@ mod tests {
         let b = c.get("b").expect("b");
         assert_eq!(b.shape, [2, 3]);
         assert_eq!(b.dtype, StoredDtype::F32);
-        assert_eq!(bytemuck::cast_slice::<u8, f32>(b.bytes()), &[3.0; 6]);
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(&b.read().expect("read")), &[3.0; 6]);
+        let (map, range) = b.map_range(8..16).expect("map part");
+        assert_eq!(bytemuck::cast_slice::<u8, f32>(&map[range]), &[3.0; 2]);
 
         let sharded = tempfile::tempdir().expect("tmp");
         write_st(&sharded.path().join("model-00001-of-00002.safetensors"), &[("a", vec![1.0, 2.0], vec![2])]);
@@ -266,7 +341,7 @@ mod tests {
         .expect("index");
         let s = Checkpoint::open(sharded.path()).expect("open shards");
         assert_eq!(s.names(), ["a", "b"]);
-        assert_eq!(s.get("b").expect("b").bytes(), c.get("b").expect("b").bytes());
+        assert_eq!(s.get("b").expect("b").read().expect("read"), c.get("b").expect("b").read().expect("read"));
     }
 
     #[test]

@@ -28,4 +28,8 @@ pub enum ModelError {
     UnsupportedDtype { name: String, dtype: String },
     #[error("token id {id} is outside the vocabulary of {vocab} ids")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error("KV cache: {0}")]
+    KvCache(#[source] crate::engine::kv_cache::KvError),
+    #[error("running experts: {0}")]
+    Experts(#[source] moe::ExpertError),
 }

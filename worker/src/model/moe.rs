@@ -39,20 +39,86 @@ impl Routing {
     }
 }
 
+/// Runs the routed experts of one MoE layer for this worker's tokens.
+///
+/// Single-process runs use [`LocalExperts`]; the expert-parallel engine supplies a runner
+/// that ships each token to the worker holding its expert. Every worker calls the runner for
+/// every MoE layer of every step, even with no tokens, because the runner may join
+/// collectives with its peers.
+pub trait ExpertRunner {
+    /// `x`: `[tokens, hidden]` post-norm activations; returns the routed output
+    /// `[tokens, hidden]`: each token's expert outputs summed in expert-index order.
+    fn run(&mut self, layer: usize, block: &MoeBlock, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError>;
+}
+
+/// A failure outside the model while running experts (e.g. a lost peer).
+pub type ExpertError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Runs every expert in this process (all experts must be loaded).
+#[derive(Debug, Default)]
+pub struct LocalExperts;
+
+impl ExpertRunner for LocalExperts {
+    fn run(&mut self, _layer: usize, block: &MoeBlock, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError> {
+        let hidden = block.hidden;
+        let mut routed = vec![0.0f32; x.len()]; // [tokens, hidden]
+        for e in 0..block.experts {
+            let routes = routing.expert_routes(e);
+            if routes.is_empty() {
+                continue;
+            }
+            let inputs = block.gather(x, routes);
+            let mut y = vec![0.0f32; inputs.len()];
+            block.run_expert(e, &inputs, &mut y)?;
+            accumulate(&mut routed, routes.iter().map(|r| r.token), &y, hidden);
+        }
+        Ok(routed)
+    }
+}
+
+/// Add expert output rows into their tokens' rows. Callers visit experts in index order, so
+/// with top-k > 1 a token's outputs are summed in the same order as transformers' sum over
+/// the expert axis — and in the same order on every worker layout.
+pub fn accumulate(routed: &mut [f32], tokens: impl Iterator<Item = usize>, rows: &[f32], hidden: usize) {
+    for (t, row) in tokens.zip(rows.chunks_exact(hidden)) {
+        for (acc, v) in routed[t * hidden..(t + 1) * hidden].iter_mut().zip(row) {
+            *acc += v;
+        }
+    }
+}
+
+/// One routed expert's weights.
+#[derive(Debug)]
+struct Expert {
+    gate_up: Weight, // [hidden, 2·width], input-major, gate columns first
+    down: Weight,    // [width, hidden], input-major
+}
+
 #[derive(Debug)]
 pub struct MoeBlock {
-    router: Weight,  // [experts, hidden]
-    gate_up: Weight, // [experts, hidden, 2·width], input-major, gate columns first
-    down: Weight,    // [experts, width, hidden], input-major
+    router: Weight, // [experts, hidden]
+    /// Only the experts this worker holds are loaded (`None` elsewhere).
+    local: Vec<Option<Expert>>,
     shared: Mlp,
     experts: usize,
     top_k: usize,
     hidden: usize,
     width: usize,
+    /// Bytes of one expert as stored (for bandwidth accounting).
+    expert_bytes: usize,
+}
+
+/// Which routed experts a layer loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ExpertSubset<'a> {
+    All,
+    Only(&'a [usize]),
 }
 
 impl MoeBlock {
-    /// Load `{prefix}.router.weight`, `{prefix}.experts.{gate_up_proj,down_proj}` and the shared expert.
+    /// Load `{prefix}.router.weight`, the shared expert, and the routed experts in `subset`
+    /// (slices of `{prefix}.experts.{gate_up_proj,down_proj}`; only their bytes are mapped).
+    #[allow(clippy::too_many_arguments)]
     pub fn load(
         w: &WeightLoader<'_>,
         prefix: &str,
@@ -60,16 +126,40 @@ impl MoeBlock {
         width: usize,
         experts: usize,
         top_k: usize,
+        subset: ExpertSubset<'_>,
     ) -> Result<Self, ModelError> {
+        let gate_up_name = format!("{prefix}.experts.gate_up_proj");
+        let down_name = format!("{prefix}.experts.down_proj");
+        let mut local: Vec<Option<Expert>> = (0..experts).map(|_| None).collect();
+        let mut expert_bytes = 0;
+        for (e, slot) in local.iter_mut().enumerate() {
+            if let ExpertSubset::Only(list) = subset
+                && !list.contains(&e)
+            {
+                continue;
+            }
+            let expert = Expert {
+                gate_up: w.slice3(&gate_up_name, [experts, hidden, 2 * width], e)?,
+                down: w.slice3(&down_name, [experts, width, hidden], e)?,
+            };
+            expert_bytes = expert.gate_up.bytes() + expert.down.bytes();
+            *slot = Some(expert);
+        }
+        if expert_bytes == 0 {
+            // A worker holding no expert of this layer still checks the tensors exist.
+            let probe = w.slice3(&gate_up_name, [experts, hidden, 2 * width], 0)?;
+            let down = w.slice3(&down_name, [experts, width, hidden], 0)?;
+            expert_bytes = probe.bytes() + down.bytes();
+        }
         Ok(Self {
             router: w.weight(&format!("{prefix}.router.weight"), &[experts, hidden])?,
-            gate_up: w.weight(&format!("{prefix}.experts.gate_up_proj"), &[experts, hidden, 2 * width])?,
-            down: w.weight(&format!("{prefix}.experts.down_proj"), &[experts, width, hidden])?,
+            local,
             shared: Mlp::load(w, &format!("{prefix}.shared_expert"), hidden, width)?,
             experts,
             top_k,
             hidden,
             width,
+            expert_bytes,
         })
     }
 
@@ -77,31 +167,29 @@ impl MoeBlock {
         self.experts
     }
 
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    pub fn is_local(&self, expert: usize) -> bool {
+        self.local.get(expert).is_some_and(Option::is_some)
+    }
+
     /// `x`: `[tokens, hidden]` → `out`: `[tokens, hidden]` (shared + routed experts).
-    pub fn forward(&self, x: &[f32], out: &mut [f32]) -> Routing {
+    pub fn forward(
+        &self,
+        layer: usize,
+        x: &[f32],
+        out: &mut [f32],
+        runner: &mut dyn ExpertRunner,
+    ) -> Result<Routing, ExpertError> {
         let routing = self.route(x);
-        let mut routed = vec![0.0f32; x.len()]; // [tokens, hidden]
-        for e in 0..self.experts {
-            let routes = routing.expert_routes(e);
-            if routes.is_empty() {
-                continue;
-            }
-            let inputs = self.gather(x, routes);
-            let mut y = vec![0.0f32; inputs.len()];
-            self.run_expert(e, &inputs, &mut y);
-            // Experts are visited in index order, so with top-k > 1 a token's expert outputs
-            // are summed in the same order as transformers' sum over the expert axis.
-            for (r, row) in routes.iter().zip(y.chunks_exact(self.hidden)) {
-                for (acc, v) in routed[r.token * self.hidden..(r.token + 1) * self.hidden].iter_mut().zip(row) {
-                    *acc += v;
-                }
-            }
-        }
+        let routed = runner.run(layer, self, x, &routing)?;
         self.shared.forward(x, out);
         for (o, r) in out.iter_mut().zip(&routed) {
             *o += r;
         }
-        routing
+        Ok(routing)
     }
 
     /// Top-k experts of each token by raw router logit; scores are their sigmoids.
@@ -136,23 +224,29 @@ impl MoeBlock {
     }
 
     /// Expert `e` on already-scaled inputs: `[n, hidden]` → `[n, hidden]`.
-    pub fn run_expert(&self, e: usize, inputs: &[f32], out: &mut [f32]) {
+    pub fn run_expert(&self, e: usize, inputs: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
+        let expert = self
+            .local
+            .get(e)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| format!("expert {e} is not held by this worker"))?;
         let n = inputs.len() / self.hidden;
         let mut gate_up = vec![0.0f32; n * 2 * self.width]; // [n, 2·width] = [gate | up]
-        matmul::matmul(inputs, self.gate_up.slice3(e), &mut gate_up);
+        matmul::matmul(inputs, expert.gate_up.matrix(), &mut gate_up);
         let mut act = vec![0.0f32; n * self.width]; // [n, width]
         activation::swiglu_fused(&gate_up, self.width, &mut act);
-        matmul::matmul(&act, self.down.slice3(e), out);
+        matmul::matmul(&act, expert.down.matrix(), out);
+        Ok(())
     }
 
-    /// Bytes of the routed experts, the shared expert and the router.
+    /// Bytes held: the router, the shared expert and the local routed experts.
     pub fn bytes(&self) -> usize {
-        self.router.bytes() + self.gate_up.bytes() + self.down.bytes() + self.shared.bytes()
+        let local = self.local.iter().flatten().map(|e| e.gate_up.bytes() + e.down.bytes()).sum::<usize>();
+        self.router.bytes() + self.shared.bytes() + local
     }
 
     /// Bytes one token reads: router, shared expert and `top_k` routed experts.
     pub fn active_bytes(&self) -> usize {
-        let per_expert = (self.gate_up.bytes() + self.down.bytes()) / self.experts;
-        self.router.bytes() + self.shared.bytes() + self.top_k * per_expert
+        self.router.bytes() + self.shared.bytes() + self.top_k * self.expert_bytes
     }
 }

@@ -16,11 +16,13 @@ use super::ModelError;
 use super::checkpoint::Checkpoint;
 use super::config::{LayerAttention, LayerSpec, ModelConfig, TextConfig};
 use super::mlp::Mlp;
-use super::moe::MoeBlock;
+use super::moe::{ExpertRunner, ExpertSubset, LocalExperts, MoeBlock};
 use super::weights::{ComputeDtype, Weight, WeightLoader};
-use crate::engine::kv_cache::KvCache;
+use crate::engine::kv_cache::{DEFAULT_BLOCK_TOKENS, KvPool, SeqKv};
 use herd_kernels::cpu::attention::{self, AttnHeads, AttnMask};
 use herd_kernels::cpu::{matmul, norm, rope};
+use rayon::prelude::*;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// Which positions of a sequence's new tokens need logits.
@@ -34,9 +36,10 @@ pub enum LogitsFor {
 /// One sequence's part of a forward batch.
 #[derive(Debug)]
 pub struct SeqStep<'a> {
-    /// New tokens; their positions continue from `cache.len()`.
+    /// New tokens; their positions continue from `kv.len()`.
     pub tokens: &'a [u32],
-    pub cache: &'a mut KvCache,
+    /// The sequence's block tables in the pool passed to `forward`.
+    pub kv: &'a mut SeqKv,
     pub logits: LogitsFor,
 }
 
@@ -81,10 +84,17 @@ impl TextModel {
     pub fn load(dir: &Path, compute: ComputeDtype) -> Result<Self, ModelError> {
         let config = ModelConfig::from_dir(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(&ckpt, &config.text, compute)
+        Self::from_checkpoint(&ckpt, &config.text, compute, None)
     }
 
-    pub fn from_checkpoint(ckpt: &Checkpoint, config: &TextConfig, compute: ComputeDtype) -> Result<Self, ModelError> {
+    /// Build the model from a checkpoint. `local_experts` (MoE layer → experts) restricts the
+    /// routed experts loaded, for an expert-parallel worker; `None` loads all of them.
+    pub fn from_checkpoint(
+        ckpt: &Checkpoint,
+        config: &TextConfig,
+        compute: ComputeDtype,
+        local_experts: Option<&BTreeMap<usize, Vec<usize>>>,
+    ) -> Result<Self, ModelError> {
         let w = WeightLoader::new(ckpt, compute);
         let prefix =
             TEXT_PREFIXES.iter().find(|p| ckpt.contains(&format!("{p}embed_tokens.weight"))).ok_or_else(|| {
@@ -100,6 +110,10 @@ impl TextModel {
         for (i, spec) in config.layers.iter().enumerate() {
             let p = format!("{prefix}layers.{i}");
             let ffn = if spec.moe {
+                let subset = match local_experts {
+                    None => ExpertSubset::All,
+                    Some(map) => ExpertSubset::Only(map.get(&i).map_or(&[][..], Vec::as_slice)),
+                };
                 FeedForward::Moe(MoeBlock::load(
                     &w,
                     &format!("{p}.feed_forward"),
@@ -107,6 +121,7 @@ impl TextModel {
                     config.intermediate_size,
                     config.num_local_experts,
                     config.num_experts_per_tok,
+                    subset,
                 )?)
             } else {
                 FeedForward::Dense(Mlp::load(&w, &format!("{p}.feed_forward"), h, config.intermediate_size_mlp)?)
@@ -142,14 +157,27 @@ impl TextModel {
         self.compute
     }
 
-    /// A fresh KV cache for one sequence.
-    pub fn new_cache(&self) -> KvCache {
-        KvCache::new(&self.config)
+    /// A KV pool that grows on demand (tools and tests; the engine uses a budgeted pool).
+    pub fn new_pool(&self) -> KvPool {
+        KvPool::unbounded(&self.config, DEFAULT_BLOCK_TOKENS)
     }
 
-    /// Run new tokens of every sequence in `batch`; returns each sequence's requested logits
-    /// as `[rows, vocab]` (rows = 0, 1 or its token count, per [`LogitsFor`]).
-    pub fn forward(&self, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    /// Run new tokens of every sequence in `batch` with every expert in this process; returns
+    /// each sequence's requested logits as `[rows, vocab]` (rows = 0, 1 or its token count,
+    /// per [`LogitsFor`]).
+    pub fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.forward_with(pool, batch, &mut LocalExperts)
+    }
+
+    /// [`forward`](Self::forward) with routed experts run by `experts` (e.g. over the
+    /// expert-parallel data plane). Every worker of a lockstep group calls this every step,
+    /// with an empty batch if it has no work, so that the runner's collectives line up.
+    pub fn forward_with(
+        &self,
+        pool: &mut KvPool,
+        batch: &mut [SeqStep<'_>],
+        experts: &mut dyn ExpertRunner,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.config;
         let h = cfg.hidden_size;
         for step in batch.iter() {
@@ -157,7 +185,7 @@ impl TextModel {
                 return Err(ModelError::TokenOutOfRange { id, vocab: cfg.vocab_size });
             }
         }
-        let positions: Vec<usize> = batch.iter().flat_map(|s| s.cache.len()..s.cache.len() + s.tokens.len()).collect();
+        let positions: Vec<usize> = batch.iter().flat_map(|s| s.kv.len()..s.kv.len() + s.tokens.len()).collect();
         let total = positions.len();
 
         let mut x = vec![0.0f32; total * h]; // [tokens, hidden]
@@ -167,10 +195,10 @@ impl TextModel {
         }
         let (cos, sin) = self.rope.table(&positions);
         for (li, layer) in self.layers.iter().enumerate() {
-            self.layer_forward(li, layer, &mut x, &positions, &cos, &sin, batch);
+            self.layer_forward(li, layer, &mut x, &positions, &cos, &sin, pool, batch, experts)?;
         }
         for step in batch.iter_mut() {
-            step.cache.commit(step.tokens.len());
+            step.kv.commit(step.tokens.len());
         }
         Ok(self.logits(&x, batch))
     }
@@ -184,8 +212,10 @@ impl TextModel {
         positions: &[usize],
         cos: &[f32],
         sin: &[f32],
+        pool: &mut KvPool,
         batch: &mut [SeqStep<'_>],
-    ) {
+        experts: &mut dyn ExpertRunner,
+    ) -> Result<(), ModelError> {
         let cfg = &self.config;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
@@ -221,30 +251,38 @@ impl TextModel {
         };
         let heads = AttnHeads { q_heads: nq, kv_heads: nkv, head_dim: d };
         let scale = (d as f64).powf(-0.5) as f32;
-        let mut attn = vec![0.0f32; total * nq * d]; // [tokens, q_heads, head_dim]
+        let kv_row = nkv * d;
         let mut start = 0;
         for step in batch.iter_mut() {
             let n = step.tokens.len();
-            if n == 0 {
-                continue;
-            }
-            let keep_from = mask.first_key(step.cache.len());
-            step.cache.append(
-                li,
-                &k[start * nkv * d..(start + n) * nkv * d],
-                &v[start * nkv * d..(start + n) * nkv * d],
-                keep_from,
-            );
-            attention::attention(
-                &q[start * nq * d..(start + n) * nq * d],
-                &positions[start..start + n],
-                step.cache.history(li),
-                heads,
-                scale,
-                mask,
-                &mut attn[start * nq * d..(start + n) * nq * d],
-            );
+            let keep_from = mask.first_key(step.kv.len());
+            let (k, v) = (&k[start * kv_row..(start + n) * kv_row], &v[start * kv_row..(start + n) * kv_row]);
+            pool.append(step.kv, li, k, v, keep_from).map_err(ModelError::KvCache)?;
             start += n;
+        }
+        // Attention runs per sequence; sequences are independent, so a decode batch spreads
+        // over cores by sequence (each one alone has too little work to split).
+        let mut attn = vec![0.0f32; total * nq * d]; // [tokens, q_heads, head_dim]
+        let pool: &KvPool = pool;
+        let mut jobs = Vec::with_capacity(batch.len());
+        let (mut rest, mut start) = (attn.as_mut_slice(), 0);
+        for step in batch.iter() {
+            let n = step.tokens.len();
+            let (out, tail) = rest.split_at_mut(n * nq * d);
+            rest = tail;
+            jobs.push((start, n, pool.history(step.kv, li, n), out));
+            start += n;
+        }
+        let run = |(start, n, history, out): (usize, usize, _, &mut [f32])| {
+            if n > 0 {
+                let q = &q[start * nq * d..(start + n) * nq * d];
+                attention::attention(q, &positions[start..start + n], history, heads, scale, mask, out);
+            }
+        };
+        if jobs.len() > 1 {
+            jobs.into_par_iter().for_each(run)
+        } else {
+            jobs.into_iter().for_each(run)
         }
         let mut o = vec![0.0f32; total * h]; // [tokens, hidden]
         matmul::matmul_t(&attn, layer.o.matrix(), &mut o);
@@ -254,10 +292,11 @@ impl TextModel {
         match &layer.ffn {
             FeedForward::Dense(mlp) => mlp.forward(&a, &mut o),
             FeedForward::Moe(moe) => {
-                moe.forward(&a, &mut o);
+                moe.forward(li, &a, &mut o, experts).map_err(ModelError::Experts)?;
             }
         }
         add_into(x, &o);
+        Ok(())
     }
 
     /// Query scale of NoPE layers at absolute position `p`, in f32 as transformers computes it.

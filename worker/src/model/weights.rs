@@ -138,21 +138,31 @@ impl<'c> WeightLoader<'c> {
     /// A weight of the given shape, in the compute dtype.
     pub fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight, ModelError> {
         let t = self.slice(name, shape)?;
+        self.load_range(&t, 0..t.byte_len(), shape.to_vec())
+    }
+
+    /// Slice `index` of a rank-3 tensor of shape `shape` (`[n, rows, cols]`), mapping only
+    /// that slice's bytes: a worker loads just the routed experts it holds.
+    pub fn slice3(&self, name: &str, shape: [usize; 3], index: usize) -> Result<Weight, ModelError> {
+        let t = self.slice(name, &shape)?;
+        let bytes = shape[1] * shape[2] * t.dtype.size();
+        self.load_range(&t, index * bytes..(index + 1) * bytes, vec![shape[1], shape[2]])
+    }
+
+    fn load_range(&self, t: &TensorSlice, range: Range<usize>, shape: Vec<usize>) -> Result<Weight, ModelError> {
         let dtype = t.dtype;
-        let shape = t.shape.clone();
-        let aligned = (t.bytes().as_ptr() as usize).is_multiple_of(dtype.size());
+        let (map, within) = t.map_range(range)?;
+        let bytes = &map[within.clone()];
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.size());
         let storage = match (dtype, self.compute) {
             (StoredDtype::F32, ComputeDtype::Bf16) => {
-                Storage::Bf16(read_f32(t.bytes()).into_iter().map(bf16::from_f32).collect())
+                Storage::Bf16(read_f32(bytes).into_iter().map(bf16::from_f32).collect())
             }
-            _ if aligned => {
-                let (map, range) = t.into_mapped();
-                Storage::Mapped { map, range, dtype }
-            }
+            _ if aligned => Storage::Mapped { map, range: within, dtype },
             // safetensors does not promise alignment; copy the rare misaligned tensor.
-            (StoredDtype::F32, _) => Storage::F32(read_f32(t.bytes())),
-            (StoredDtype::Bf16, _) => Storage::Bf16(read_u16(t.bytes()).into_iter().map(bf16::from_bits).collect()),
-            (StoredDtype::F16, _) => Storage::F16(read_u16(t.bytes()).into_iter().map(f16::from_bits).collect()),
+            (StoredDtype::F32, _) => Storage::F32(read_f32(bytes)),
+            (StoredDtype::Bf16, _) => Storage::Bf16(read_u16(bytes).into_iter().map(bf16::from_bits).collect()),
+            (StoredDtype::F16, _) => Storage::F16(read_u16(bytes).into_iter().map(f16::from_bits).collect()),
             (StoredDtype::Other(_), _) => unreachable!("rejected by slice()"),
         };
         Ok(Weight { shape, storage })
@@ -161,10 +171,11 @@ impl<'c> WeightLoader<'c> {
     /// A small tensor (norm weights) widened to an owned f32 vector.
     pub fn vector_f32(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let t = self.slice(name, &[len])?;
+        let bytes = t.read()?;
         Ok(match t.dtype {
-            StoredDtype::F32 => read_f32(t.bytes()),
-            StoredDtype::Bf16 => read_u16(t.bytes()).into_iter().map(|b| bf16::from_bits(b).to_f32()).collect(),
-            StoredDtype::F16 => read_u16(t.bytes()).into_iter().map(|b| f16::from_bits(b).to_f32()).collect(),
+            StoredDtype::F32 => read_f32(&bytes),
+            StoredDtype::Bf16 => read_u16(&bytes).into_iter().map(|b| bf16::from_bits(b).to_f32()).collect(),
+            StoredDtype::F16 => read_u16(&bytes).into_iter().map(|b| f16::from_bits(b).to_f32()).collect(),
             StoredDtype::Other(_) => unreachable!("rejected by slice()"),
         })
     }

@@ -1,4 +1,8 @@
-//! Everything a checkpoint directory provides at run time, loaded together.
+//! The cheap parts of a checkpoint directory — config, tokenizer, chat template, generation
+//! defaults — loaded without touching weights, plus loading the weights when wanted.
+//!
+//! A driver of worker processes needs only the frontend (it tokenizes and renders
+//! templates); a worker loads the model too, possibly just its own routed experts.
 
 use crate::chat_template::{ChatTemplate, ChatTemplateError};
 use crate::model::ModelError;
@@ -7,7 +11,9 @@ use crate::model::config::{GenerationConfig, ModelConfig};
 use crate::model::text::TextModel;
 use crate::model::weights::ComputeDtype;
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -21,22 +27,21 @@ pub enum LoadError {
     ChatTemplate(#[from] ChatTemplateError),
 }
 
-/// A checkpoint's model, tokenizer, chat template and generation defaults.
+/// A checkpoint's config, tokenizer, chat template and generation defaults.
 #[derive(Debug)]
-pub struct LoadedModel {
+pub struct Frontend {
     pub dir: PathBuf,
     pub config: ModelConfig,
-    pub model: TextModel,
-    pub tokenizer: Tokenizer,
+    pub tokenizer: Arc<Tokenizer>,
     /// `None` when the checkpoint ships no chat template (base models).
     pub chat_template: Option<ChatTemplate>,
     pub generation: GenerationConfig,
 }
 
-impl LoadedModel {
-    /// Load `dir`. Cheap files (config, tokenizer, template) are read first so that a broken
-    /// checkpoint fails before any weight is mapped.
-    pub fn load(dir: &Path, compute: ComputeDtype) -> Result<Self, LoadError> {
+impl Frontend {
+    /// Read everything but the weights (and check the weight files' headers, so a broken
+    /// checkpoint fails here rather than on the first worker).
+    pub fn load(dir: &Path) -> Result<Self, LoadError> {
         if !dir.is_dir() {
             return Err(LoadError::NotADirectory(dir.to_path_buf()));
         }
@@ -44,9 +49,19 @@ impl LoadedModel {
         let generation = GenerationConfig::from_dir(dir).map_err(ModelError::from)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let chat_template = ChatTemplate::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir).map_err(ModelError::from)?;
-        let model = TextModel::from_checkpoint(&ckpt, &config.text, compute)?;
-        Ok(Self { dir: dir.to_path_buf(), config, model, tokenizer, chat_template, generation })
+        Checkpoint::open(dir).map_err(ModelError::from)?;
+        Ok(Self { dir: dir.to_path_buf(), config, tokenizer: Arc::new(tokenizer), chat_template, generation })
+    }
+
+    /// Load the text model's weights; `local_experts` (MoE layer → experts) restricts the
+    /// routed experts to a worker's share.
+    pub fn load_model(
+        &self,
+        compute: ComputeDtype,
+        local_experts: Option<&BTreeMap<usize, Vec<usize>>>,
+    ) -> Result<TextModel, LoadError> {
+        let ckpt = Checkpoint::open(&self.dir).map_err(ModelError::from)?;
+        Ok(TextModel::from_checkpoint(&ckpt, &self.config.text, compute, local_experts)?)
     }
 
     /// Stop ids: generation_config.json's, else config.json's.

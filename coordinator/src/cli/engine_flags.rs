@@ -1,0 +1,165 @@
+//! Engine flags shared by every command that runs a model (`generate`, `eval`, `worker`).
+
+use herd_worker::engine::kv_cache::DEFAULT_BLOCK_TOKENS;
+use herd_worker::engine::scheduler::EngineConfig;
+use herd_worker::model::weights::ComputeDtype;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EngineFlags {
+    /// KV cache size, e.g. `2G`, `512M` or a byte count (default: --kv-cache-fraction of free memory).
+    #[arg(long, value_parser = parse_bytes)]
+    pub kv_cache_bytes: Option<usize>,
+    /// Share of the memory available at start-up given to the KV cache when --kv-cache-bytes is not set.
+    #[arg(long, default_value_t = 0.2)]
+    pub kv_cache_fraction: f64,
+    /// Most tokens (decode + prefill chunks) in one engine step.
+    #[arg(long, default_value_t = 512)]
+    pub max_step_tokens: usize,
+    /// Most requests running at once.
+    #[arg(long, default_value_t = 256)]
+    pub max_running: usize,
+}
+
+impl EngineFlags {
+    pub fn config(&self) -> anyhow::Result<EngineConfig> {
+        anyhow::ensure!(self.max_step_tokens > 0, "--max-step-tokens must be at least 1");
+        anyhow::ensure!(self.max_running > 0, "--max-running must be at least 1");
+        let kv_cache_bytes = match self.kv_cache_bytes {
+            Some(b) => b,
+            None => {
+                anyhow::ensure!(
+                    self.kv_cache_fraction > 0.0 && self.kv_cache_fraction <= 0.9,
+                    "--kv-cache-fraction must be in (0, 0.9]"
+                );
+                let avail = available_memory().unwrap_or(4 << 30);
+                (avail as f64 * self.kv_cache_fraction) as usize
+            }
+        };
+        Ok(EngineConfig {
+            kv_cache_bytes,
+            block_tokens: DEFAULT_BLOCK_TOKENS,
+            max_step_tokens: self.max_step_tokens,
+            max_running: self.max_running,
+        })
+    }
+
+    /// The same flags as command-line arguments (to start worker processes with).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--kv-cache-fraction".into(),
+            self.kv_cache_fraction.to_string(),
+            "--max-step-tokens".into(),
+            self.max_step_tokens.to_string(),
+            "--max-running".into(),
+            self.max_running.to_string(),
+        ];
+        if let Some(b) = self.kv_cache_bytes {
+            args.extend(["--kv-cache-bytes".into(), b.to_string()]);
+        }
+        args
+    }
+}
+
+/// `MemAvailable` from /proc/meminfo.
+fn available_memory() -> Option<usize> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// `2G`, `512M`, `64K`, `1.5G` or a plain byte count (binary units).
+pub fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, unit) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&s[..i], s[i..].to_ascii_uppercase()),
+        None => (s, String::new()),
+    };
+    let scale: f64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+        "" => 1.0,
+        "K" => 1024.0,
+        "M" => 1024.0 * 1024.0,
+        "G" => 1024.0 * 1024.0 * 1024.0,
+        "T" => 1024.0f64.powi(4),
+        _ => return Err(format!("unknown size unit in {s:?} (use K, M, G or T)")),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a size"))?;
+    if !(v >= 0.0 && v.is_finite()) {
+        return Err(format!("{s:?} is not a size"));
+    }
+    Ok((v * scale) as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_bytes("1024"), Ok(1024));
+        assert_eq!(parse_bytes("2G"), Ok(2 << 30));
+        assert_eq!(parse_bytes("512MiB"), Ok(512 << 20));
+        assert_eq!(parse_bytes("1.5k"), Ok(1536));
+        assert!(parse_bytes("12Q").is_err());
+        assert!(parse_bytes("-1").is_err());
+    }
+}
+
+/// `--workers N` and what a worker group needs.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClusterFlags {
+    /// Run through N worker processes on loopback (expert-parallel); 0 runs in this process.
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
+    /// Expert placement for --workers: round-robin, skewed, replicated, or a JSON/TOML file.
+    #[arg(long, default_value = "round-robin")]
+    pub placement: String,
+    /// Deadline of each data-plane collective between workers.
+    #[arg(long, default_value_t = 60_000)]
+    pub step_timeout_ms: u64,
+}
+
+/// The backend the flags ask for: an engine here, or `--workers` worker processes.
+pub fn make_backend(
+    dir: &std::path::Path,
+    frontend: &herd_worker::frontend::Frontend,
+    dtype: ComputeDtype,
+    engine: &EngineFlags,
+    cluster: &ClusterFlags,
+) -> anyhow::Result<Box<dyn herd_coordinator::backend::Backend>> {
+    use anyhow::Context;
+    use herd_coordinator::backend::{ClusterBackend, LocalBackend};
+    use herd_coordinator::local_cluster::{ClusterOptions, LocalCluster};
+    use std::time::Duration;
+    if cluster.workers == 0 {
+        let model = frontend.load_model(dtype, None)?;
+        let engine = herd_worker::engine::scheduler::Engine::new(
+            std::sync::Arc::new(model),
+            std::sync::Arc::clone(&frontend.tokenizer),
+            frontend.eos_ids(),
+            engine.config()?,
+        )?;
+        return Ok(Box::new(LocalBackend::new(engine)));
+    }
+    let mut worker_args = vec![
+        "--placement".to_string(),
+        cluster.placement.clone(),
+        "--dtype".into(),
+        dtype.to_string(),
+        "--step-timeout-ms".into(),
+        cluster.step_timeout_ms.to_string(),
+    ];
+    worker_args.extend(engine.to_args());
+    let opts = ClusterOptions {
+        exe: std::env::current_exe().context("locating the herd executable")?,
+        workers: cluster.workers,
+        model_dir: dir.to_path_buf(),
+        worker_args,
+        start_timeout: Duration::from_secs(600),
+    };
+    let group = LocalCluster::start(&opts)?;
+    Ok(Box::new(ClusterBackend::new(
+        group,
+        Duration::from_millis(cluster.step_timeout_ms).max(Duration::from_secs(1)) * 4,
+    )))
+}

@@ -1,0 +1,188 @@
+//! `herd worker`: one member of an expert-parallel group.
+//!
+//! It loads attention, dense layers, shared experts and embeddings, plus only the routed
+//! experts its placement assigns it; joins the data plane (TCP, one connection per peer);
+//! then runs the lockstep loop, taking commands on stdin and writing reports to stdout as
+//! JSON lines. Logs and errors go to stderr.
+
+use super::engine_flags::EngineFlags;
+use super::model_arg;
+use anyhow::Context;
+use herd_worker::control::{CONTROL_VERSION, Command, Report, read_message, write_message};
+use herd_worker::engine::scheduler::Engine;
+use herd_worker::ep::EpRunner;
+use herd_worker::frontend::Frontend;
+use herd_worker::lockstep::{self, LockstepConfig};
+use herd_worker::model::weights::ComputeDtype;
+use herd_worker::placement::{MoeShape, Placement};
+use herd_worker::transport::tcp::{TcpOptions, TcpTransport};
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, channel};
+use std::time::{Duration, Instant};
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// This worker's rank, 0..world.
+    #[arg(long)]
+    rank: usize,
+    /// Number of workers in the group.
+    #[arg(long)]
+    world: usize,
+    /// Data-plane address of every rank, comma-separated, in rank order. Without it the
+    /// worker binds --listen, reports the address, and waits for the list on its control channel.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<SocketAddr>,
+    /// Where to listen when --peers is not given.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Checkpoint directory, or a synth preset.
+    #[arg(long)]
+    model: String,
+    /// Expert placement: round-robin, skewed, replicated, or a JSON/TOML file.
+    #[arg(long, default_value = "round-robin")]
+    placement: String,
+    #[arg(long, default_value = "bf16")]
+    dtype: ComputeDtype,
+    #[command(flatten)]
+    engine: EngineFlags,
+    /// Deadline of each data-plane collective: a peer silent for longer fails the step.
+    #[arg(long, default_value_t = 60_000)]
+    step_timeout_ms: u64,
+    /// How long to wait for every peer to connect.
+    #[arg(long, default_value_t = 120)]
+    connect_timeout_s: u64,
+    /// Shared by the group's members; a connection with another token is refused.
+    #[arg(long, default_value = "herd")]
+    cluster_token: String,
+    /// Directory where presets are synthesised (default ~/.cache/herd).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    let result = serve(&args, &mut out);
+    if let Err(e) = &result {
+        let _ = write_message(&mut out, &Report::Fatal { error: format!("{e:#}") });
+    }
+    result
+}
+
+fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    anyhow::ensure!(args.world > 0 && args.rank < args.world, "--rank {} is not in 0..{}", args.rank, args.world);
+    anyhow::ensure!(
+        args.peers.is_empty() || args.peers.len() == args.world,
+        "--peers lists {} addresses for a world of {}",
+        args.peers.len(),
+        args.world
+    );
+    let commands = spawn_command_reader();
+    let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
+    let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let text = &frontend.config.text;
+    let shape = MoeShape {
+        moe_layers: (0..text.num_hidden_layers).filter(|&l| text.layers[l].moe).collect(),
+        experts: text.num_local_experts,
+    };
+    let placement = Placement::from_arg(&args.placement, args.world, &shape)?;
+    let local: BTreeMap<usize, Vec<usize>> =
+        shape.moe_layers.iter().map(|&l| (l, placement.local_experts(args.rank, l))).collect();
+    let local_experts: usize = local.values().map(Vec::len).sum();
+
+    // Bind before loading weights so the driver can wire the group while we load.
+    let listener = TcpListener::bind(args.peers.get(args.rank).copied().unwrap_or(args.listen))
+        .context("binding the data-plane port")?;
+    let addr = listener.local_addr()?;
+    write_message(out, &Report::Listening { addr, version: CONTROL_VERSION })?;
+
+    let model = frontend.load_model(args.dtype, Some(&local)).context("loading weights")?;
+    let weight_bytes = model.weight_bytes();
+    let engine_config = args.engine.config()?;
+    let mut engine = Engine::new(Arc::new(model), Arc::clone(&frontend.tokenizer), frontend.eos_ids(), engine_config)?;
+
+    let mut early = VecDeque::new();
+    let peers = if args.peers.is_empty() { wait_for_peers(&commands, &mut early)? } else { args.peers.clone() };
+    anyhow::ensure!(peers.len() == args.world, "got {} peer addresses for a world of {}", peers.len(), args.world);
+    let opts = TcpOptions { cluster_token: args.cluster_token.as_bytes().to_vec(), ..TcpOptions::default() };
+    let deadline = Instant::now() + Duration::from_secs(args.connect_timeout_s);
+    let transport = TcpTransport::connect(args.rank, args.world, &peers, listener, opts, deadline)
+        .context("connecting the data plane")?;
+    let mut runner = EpRunner::new(Box::new(transport), placement, Duration::from_millis(args.step_timeout_ms));
+    write_message(out, &Report::Ready { rank: args.rank, world: args.world, local_experts, weight_bytes })?;
+    eprintln!(
+        "[herd worker {}] ready: {} routed experts, {:.1} MiB of weights",
+        args.rank,
+        local_experts,
+        weight_bytes as f64 / (1 << 20) as f64
+    );
+
+    // Commands that arrived before the group formed are replayed first.
+    let (replay_tx, replay_rx) = channel();
+    for cmd in early {
+        let _ = replay_tx.send(cmd);
+    }
+    std::thread::spawn(move || {
+        for cmd in commands {
+            if replay_tx.send(cmd).is_err() {
+                return;
+            }
+        }
+    });
+    let mut report_err = None;
+    let mut report = |r: Report| {
+        if let Err(e) = write_message(out, &r) {
+            report_err.get_or_insert(e);
+        }
+    };
+    let result = lockstep::run(&mut engine, &mut runner, &replay_rx, &mut report, LockstepConfig::default());
+    let stats = runner.transport().stats();
+    match result {
+        Ok(loop_stats) => {
+            report(Report::Stats {
+                steps: loop_stats.steps,
+                collectives: stats.collectives,
+                bytes_sent: stats.bytes_sent,
+                bytes_received: stats.bytes_received,
+                exchange_ms: stats.busy.as_secs_f64() * 1e3,
+            });
+            Ok(())
+        }
+        Err(e) => Err(e).with_context(|| format!("worker {} left the group", args.rank)),
+    }
+}
+
+/// Read commands from stdin on a thread; the channel closes when stdin does.
+fn spawn_command_reader() -> Receiver<Command> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let mut input = BufReader::new(std::io::stdin());
+        loop {
+            match read_message::<Command>(&mut input) {
+                Ok(cmd) => {
+                    if tx.send(cmd).is_err() {
+                        return;
+                    }
+                }
+                Err(herd_worker::control::ControlError::Bad(e)) => eprintln!("[herd worker] ignoring bad command: {e}"),
+                Err(_) => return,
+            }
+        }
+    });
+    rx
+}
+
+/// Wait for the `Peers` command; other commands are kept for later.
+fn wait_for_peers(commands: &Receiver<Command>, early: &mut VecDeque<Command>) -> anyhow::Result<Vec<SocketAddr>> {
+    loop {
+        match commands.recv() {
+            Ok(Command::Peers { addrs }) => return Ok(addrs),
+            Ok(Command::Shutdown) => anyhow::bail!("shut down before the group formed"),
+            Ok(other) => early.push_back(other),
+            Err(_) => anyhow::bail!("control channel closed before the peer list arrived"),
+        }
+    }
+}

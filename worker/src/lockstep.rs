@@ -1,0 +1,126 @@
+//! The lockstep loop of one worker in an expert-parallel group.
+//!
+//! Every iteration starts with a tiny all-gather: each worker says whether it has work and
+//! whether it wants to leave. If anyone has work, every worker runs one engine step, those
+//! without requests on an empty batch, so that each MoE layer's collectives find all peers
+//! present. If nobody has work, workers wait briefly for commands and vote again. The group
+//! leaves together once everyone has asked to and nobody has work. A transport error (a
+//! dead or hung peer, a malformed frame) ends every request with an error and the loop with
+//! that error, on every surviving worker, within the collective deadline.
+
+use crate::control::{Command, Report};
+use crate::engine::request::Event;
+use crate::engine::scheduler::{Engine, EngineError};
+use crate::ep::EpRunner;
+use crate::transport::{TransportError, all_gather};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LockstepError {
+    #[error("data plane: {0}")]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Loop timing.
+#[derive(Clone, Copy, Debug)]
+pub struct LockstepConfig {
+    /// How long an idle group waits for a command before voting again.
+    pub idle_wait: Duration,
+}
+
+impl Default for LockstepConfig {
+    fn default() -> Self {
+        Self { idle_wait: Duration::from_millis(2) }
+    }
+}
+
+/// Totals over the loop's life.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LoopStats {
+    pub steps: u64,
+}
+
+/// Run until the group shuts down (Ok) or the data plane fails (Err, after reporting an
+/// `Aborted` event for every request this worker held).
+pub fn run(
+    engine: &mut Engine,
+    runner: &mut EpRunner,
+    commands: &Receiver<Command>,
+    report: &mut dyn FnMut(Report),
+    config: LockstepConfig,
+) -> Result<LoopStats, LockstepError> {
+    let mut leaving = false;
+    let mut stats = LoopStats::default();
+    let result = loop {
+        // Commands arrive between steps only, so a step's batch never changes under it.
+        loop {
+            match commands.try_recv() {
+                Ok(cmd) => apply(engine, cmd, &mut leaving, report),
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                // The driver is gone: finish what we have, then leave with the group.
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                    leaving = true;
+                    break;
+                }
+            }
+        }
+        deliver(engine.take_events(), report);
+        let vote = [u8::from(engine.has_work()), u8::from(leaving)];
+        let deadline = Instant::now() + runner.timeout();
+        let votes = match all_gather(runner.transport(), &vote, deadline) {
+            Ok(v) => v,
+            Err(e) => break Err(LockstepError::from(e)),
+        };
+        let any_work = votes.iter().any(|v| v.first() == Some(&1));
+        if !any_work {
+            if votes.iter().all(|v| v.get(1) == Some(&1)) {
+                break Ok(stats);
+            }
+            if !leaving {
+                match commands.recv_timeout(config.idle_wait) {
+                    Ok(cmd) => apply(engine, cmd, &mut leaving, report),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => leaving = true,
+                }
+            }
+            continue;
+        }
+        match engine.step_with(runner) {
+            Ok((events, _)) => deliver(events, report),
+            Err(e) => break Err(LockstepError::from(e)),
+        }
+        stats.steps += 1;
+    };
+    if let Err(e) = &result {
+        deliver(engine.abort_all(&e.to_string()), report);
+    }
+    result
+}
+
+fn apply(engine: &mut Engine, cmd: Command, leaving: &mut bool, report: &mut dyn FnMut(Report)) {
+    match cmd {
+        Command::Submit(req) => {
+            let id = req.id;
+            if *leaving {
+                report(Report::Rejected { id, reason: crate::engine::request::Rejection::ShuttingDown });
+            } else if let Err(reason) = engine.submit(req) {
+                report(Report::Rejected { id, reason });
+            }
+        }
+        Command::Cancel { id } => {
+            engine.cancel(id);
+        }
+        Command::Shutdown => *leaving = true,
+        // Only meaningful before the group forms; ignore a late duplicate.
+        Command::Peers { .. } => {}
+    }
+}
+
+fn deliver(events: Vec<Event>, report: &mut dyn FnMut(Report)) {
+    for e in events {
+        report(Report::Event(e));
+    }
+}
