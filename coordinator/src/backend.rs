@@ -5,7 +5,7 @@
 
 use crate::local_cluster::{LocalCluster, WorkerMsg};
 use anyhow::{Context, bail};
-use herd_worker::control::{Command, Report};
+use herd_worker::control::{Command, Report, WorkerStats};
 use herd_worker::engine::request::{Event, Request, RequestId};
 use herd_worker::engine::scheduler::Engine;
 use std::collections::HashMap;
@@ -18,6 +18,10 @@ pub trait Backend {
     /// The next events, waiting until there is at least one. Errors mean the backend itself
     /// failed (a worker died); requests' own failures are `Aborted` events.
     fn poll(&mut self) -> anyhow::Result<Vec<Event>>;
+    /// Stop, returning what each worker measured (empty in process).
+    fn close(&mut self) -> Vec<WorkerStats> {
+        Vec::new()
+    }
 }
 
 /// An engine in this process, stepped by `poll`.
@@ -74,9 +78,9 @@ impl ClusterBackend {
         self.cluster.as_mut().context("the worker group has shut down")
     }
 
-    /// Leave the group; returns each worker's exit code.
-    pub fn shutdown(&mut self) -> Vec<Option<i32>> {
-        self.cluster.take().map(|c| c.shutdown(Duration::from_secs(30))).unwrap_or_default()
+    /// Leave the group; returns each worker's exit code and statistics.
+    pub fn shutdown(&mut self) -> (Vec<Option<i32>>, Vec<WorkerStats>) {
+        self.cluster.take().map(|c| c.shutdown_with_stats(Duration::from_secs(30))).unwrap_or_default()
     }
 }
 
@@ -112,5 +116,9 @@ impl Backend for ClusterBackend {
             self.in_flight[r] -= 1;
         }
         Ok(vec![event])
+    }
+
+    fn close(&mut self) -> Vec<WorkerStats> {
+        self.shutdown().1
     }
 }

@@ -7,7 +7,7 @@
 //! of choosing free ports for them in advance.
 
 use anyhow::{Context, bail};
-use herd_worker::control::{Command, Report, read_message, write_message};
+use herd_worker::control::{Command, Report, WorkerStats, read_message, write_message};
 use std::io::BufReader;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -32,6 +32,8 @@ pub struct ClusterOptions {
     pub model_dir: PathBuf,
     /// Extra `herd worker` arguments (placement, dtype, engine flags, timeouts).
     pub worker_args: Vec<String>,
+    /// Compute threads per worker (`None`: each uses every core, which oversubscribes).
+    pub threads: Option<usize>,
     /// How long start-up (model load + connect) may take.
     pub start_timeout: Duration,
 }
@@ -51,7 +53,11 @@ impl LocalCluster {
         let (tx, rx) = channel();
         let mut cluster = Self { children: Vec::new(), stdins: Vec::new(), rx };
         for rank in 0..opts.workers {
-            let mut child = std::process::Command::new(&opts.exe)
+            let mut cmd = std::process::Command::new(&opts.exe);
+            if let Some(t) = opts.threads {
+                cmd.args(["--threads", &t.to_string()]);
+            }
+            let mut child = cmd
                 .arg("worker")
                 .args(["--rank", &rank.to_string(), "--world", &opts.workers.to_string()])
                 .arg("--model")
@@ -118,13 +124,28 @@ impl LocalCluster {
 
     /// Ask every worker to leave and wait up to `timeout` for them to exit; stragglers are
     /// killed. Returns each worker's exit code (`None` if killed by a signal).
-    pub fn shutdown(mut self, timeout: Duration) -> Vec<Option<i32>> {
+    pub fn shutdown(self, timeout: Duration) -> Vec<Option<i32>> {
+        self.shutdown_with_stats(timeout).0
+    }
+
+    /// [`shutdown`](Self::shutdown), also collecting the statistics each worker reports as it leaves.
+    pub fn shutdown_with_stats(mut self, timeout: Duration) -> (Vec<Option<i32>>, Vec<WorkerStats>) {
         for rank in 0..self.children.len() {
             let _ = self.send(rank, &Command::Shutdown);
         }
         // Closing stdin also tells a worker its driver is gone.
         self.stdins.iter_mut().for_each(|s| drop(s.take()));
         let deadline = Instant::now() + timeout;
+        let mut stats = Vec::new();
+        let mut closed = vec![false; self.children.len()];
+        while closed.iter().any(|c| !c) {
+            match self.rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok((_, WorkerMsg::Report(Report::Stats(s)))) => stats.push(s),
+                Ok((rank, WorkerMsg::Closed)) => closed[rank] = true,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
         let mut codes = vec![None; self.children.len()];
         for (rank, child) in self.children.iter_mut().enumerate() {
             loop {
@@ -142,7 +163,8 @@ impl LocalCluster {
                 }
             }
         }
-        codes
+        stats.sort_by_key(|s| s.rank);
+        (codes, stats)
     }
 
     /// Kill one worker process (for failure tests).

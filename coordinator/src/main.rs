@@ -24,6 +24,8 @@ enum Command {
     Generate(cli::generate::GenerateArgs),
     /// Write logits and greedy continuations of a list of prompts (for reference checks).
     Eval(cli::eval::EvalArgs),
+    /// Measure prefill and decode throughput (several configurations side by side).
+    Bench(cli::bench::BenchArgs),
     /// Write a random-weight Llama 4 checkpoint (HF layout) for tests and benchmarks.
     Synth(cli::synth::SynthArgs),
     /// Run one worker of an expert-parallel group (control: JSON lines on stdin/stdout).
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
     let result = init_threads(cli.threads).and_then(|()| match cli.command {
         Command::Generate(args) => cli::generate::run(args),
         Command::Eval(args) => cli::eval::run(args),
+        Command::Bench(args) => cli::bench::run(args),
         Command::Synth(args) => cli::synth::run(args),
         Command::Worker(args) => cli::worker::run(args),
     });

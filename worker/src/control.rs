@@ -58,13 +58,33 @@ pub enum Report {
         error: String,
     },
     /// Data-plane statistics, sent once when the worker leaves the group cleanly.
-    Stats {
-        steps: u64,
-        collectives: u64,
-        bytes_sent: u64,
-        bytes_received: u64,
-        exchange_ms: f64,
-    },
+    Stats(WorkerStats),
+}
+
+/// What one worker measured over its life in the group.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStats {
+    pub rank: usize,
+    pub steps: u64,
+    pub collectives: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Time inside collectives, waiting for peers included.
+    pub busy_ms: f64,
+    pub peak_rss_bytes: u64,
+    /// Expert-parallel traffic per MoE layer.
+    pub layers: Vec<LayerStats>,
+}
+
+/// One MoE layer's dispatch/combine traffic on one worker.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LayerStats {
+    pub layer: usize,
+    pub collectives: u64,
+    pub bytes_out: u64,
+    pub exchange_ms: f64,
+    pub compute_ms: f64,
+    pub routed_tokens: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +96,13 @@ pub enum ControlError {
     #[error("bad control message: {0}")]
     Bad(String),
     #[error("control channel I/O: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+impl From<std::io::Error> for ControlError {
+    fn from(e: std::io::Error) -> Self {
+        ControlError::Io(e)
+    }
 }
 
 /// Read one JSON-lines message (blank lines are skipped).

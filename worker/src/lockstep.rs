@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockstepError {
-    #[error("data plane: {0}")]
+    #[error(transparent)]
     Transport(#[from] TransportError),
     #[error(transparent)]
     Engine(#[from] EngineError),

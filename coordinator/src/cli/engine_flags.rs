@@ -155,6 +155,8 @@ pub fn make_backend(
         workers: cluster.workers,
         model_dir: dir.to_path_buf(),
         worker_args,
+        // Workers on one host share its cores.
+        threads: Some((rayon::current_num_threads() / cluster.workers).max(1)),
         start_timeout: Duration::from_secs(600),
     };
     let group = LocalCluster::start(&opts)?;

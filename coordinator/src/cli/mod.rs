@@ -1,5 +1,6 @@
 //! One module per `herd` subcommand (its clap arguments and its `run`), plus what they share.
 
+pub mod bench;
 pub mod engine_flags;
 pub mod eval;
 pub mod generate;

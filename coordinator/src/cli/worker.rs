@@ -8,7 +8,7 @@
 use super::engine_flags::EngineFlags;
 use super::model_arg;
 use anyhow::Context;
-use herd_worker::control::{CONTROL_VERSION, Command, Report, read_message, write_message};
+use herd_worker::control::{CONTROL_VERSION, Command, LayerStats, Report, WorkerStats, read_message, write_message};
 use herd_worker::engine::scheduler::Engine;
 use herd_worker::ep::EpRunner;
 use herd_worker::frontend::Frontend;
@@ -142,13 +142,28 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let stats = runner.transport().stats();
     match result {
         Ok(loop_stats) => {
-            report(Report::Stats {
+            let layers = runner
+                .traffic()
+                .iter()
+                .map(|(&layer, t)| LayerStats {
+                    layer,
+                    collectives: t.collectives,
+                    bytes_out: t.bytes_out,
+                    exchange_ms: t.exchange.as_secs_f64() * 1e3,
+                    compute_ms: t.compute.as_secs_f64() * 1e3,
+                    routed_tokens: t.tokens_per_expert.values().sum(),
+                })
+                .collect();
+            report(Report::Stats(WorkerStats {
+                rank: args.rank,
                 steps: loop_stats.steps,
                 collectives: stats.collectives,
                 bytes_sent: stats.bytes_sent,
                 bytes_received: stats.bytes_received,
-                exchange_ms: stats.busy.as_secs_f64() * 1e3,
-            });
+                busy_ms: stats.busy.as_secs_f64() * 1e3,
+                peak_rss_bytes: super::sys::peak_rss_bytes().unwrap_or(0),
+                layers,
+            }));
             Ok(())
         }
         Err(e) => Err(e).with_context(|| format!("worker {} left the group", args.rank)),

@@ -29,7 +29,7 @@ pub enum ModelError {
     #[error("token id {id} is outside the vocabulary of {vocab} ids")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("KV cache: {0}")]
-    KvCache(#[source] crate::engine::kv_cache::KvError),
+    KvCache(crate::engine::kv_cache::KvError),
     #[error("running experts: {0}")]
-    Experts(#[source] moe::ExpertError),
+    Experts(moe::ExpertError),
 }

@@ -157,6 +157,14 @@ impl TextModel {
         self.compute
     }
 
+    /// The MoE block of `layer`, if that layer is a MoE layer.
+    pub fn moe_block(&self, layer: usize) -> Option<&MoeBlock> {
+        match &self.layers.get(layer)?.ffn {
+            FeedForward::Moe(m) => Some(m),
+            FeedForward::Dense(_) => None,
+        }
+    }
+
     /// A KV pool that grows on demand (tools and tests; the engine uses a budgeted pool).
     pub fn new_pool(&self) -> KvPool {
         KvPool::unbounded(&self.config, DEFAULT_BLOCK_TOKENS)

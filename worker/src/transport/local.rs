@@ -139,6 +139,10 @@ impl LocalTransport {
         let faults = self.faults.get();
         let deliver_at = faults.delay.map(|d| Instant::now() + d);
         let mut recv: Vec<Vec<u8>> = vec![Vec::new(); send.len()];
+        // Errors are collected rather than returned at once: a rank that stopped half-way would
+        // leave its other peers waiting for its message, and they would blame it instead of the
+        // rank that actually failed.
+        let mut first_error: Option<TransportError> = None;
         for (peer, payload) in send.into_iter().enumerate() {
             let Some(tx) = &self.to[peer] else {
                 recv[peer] = payload;
@@ -148,41 +152,61 @@ impl LocalTransport {
                 continue;
             }
             let len = payload.len() as u64;
-            tx.send(Message { op, seq, payload, deliver_at })
-                .map_err(|_| TransportError::PeerLost { peer, reason: "its transport was dropped".into() })?;
-            *sent += len;
+            match tx.send(Message { op, seq, payload, deliver_at }) {
+                Ok(()) => *sent += len,
+                Err(_) => {
+                    first_error
+                        .get_or_insert(TransportError::PeerLost { peer, reason: "its transport was dropped".into() });
+                }
+            }
         }
         for (peer, rx) in self.from.iter().enumerate() {
             let Some(rx) = rx else { continue };
-            let timeout = || TransportError::Timeout { peer, op, seq, waited: started.elapsed() };
-            let msg = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(msg) => msg,
-                Err(RecvTimeoutError::Timeout) => return Err(timeout()),
-                Err(RecvTimeoutError::Disconnected) => {
-                    return Err(TransportError::PeerLost { peer, reason: "its transport was dropped".into() });
+            match receive(rx, peer, op, seq, started, deadline) {
+                Ok(payload) => {
+                    *received += payload.len() as u64;
+                    recv[peer] = payload;
                 }
-            };
-            if let Some(at) = msg.deliver_at {
-                // An injected delay past the deadline is a timeout, reported at the deadline.
-                std::thread::sleep(at.min(deadline).saturating_duration_since(Instant::now()));
-                if at > deadline {
-                    return Err(timeout());
+                Err(err) => {
+                    first_error.get_or_insert(err);
                 }
             }
-            if msg.seq != seq || msg.op != op {
-                return Err(TransportError::Desync {
-                    peer,
-                    expected: op,
-                    expected_seq: seq,
-                    got: msg.op,
-                    got_seq: msg.seq,
-                });
-            }
-            *received += msg.payload.len() as u64;
-            recv[peer] = msg.payload;
         }
-        Ok(recv)
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(recv),
+        }
     }
+}
+
+/// Takes rank `peer`'s message for collective `seq`, honouring any injected delay.
+fn receive(
+    rx: &Receiver<Message>,
+    peer: usize,
+    op: Collective,
+    seq: u64,
+    started: Instant,
+    deadline: Instant,
+) -> Result<Vec<u8>, TransportError> {
+    let timeout = || TransportError::Timeout { peer, op, seq, waited: started.elapsed() };
+    let msg = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(msg) => msg,
+        Err(RecvTimeoutError::Timeout) => return Err(timeout()),
+        Err(RecvTimeoutError::Disconnected) => {
+            return Err(TransportError::PeerLost { peer, reason: "its transport was dropped".into() });
+        }
+    };
+    if let Some(at) = msg.deliver_at {
+        // An injected delay past the deadline is a timeout, reported at the deadline.
+        std::thread::sleep(at.min(deadline).saturating_duration_since(Instant::now()));
+        if at > deadline {
+            return Err(timeout());
+        }
+    }
+    if msg.seq != seq || msg.op != op {
+        return Err(TransportError::Desync { peer, expected: op, expected_seq: seq, got: msg.op, got_seq: msg.seq });
+    }
+    Ok(msg.payload)
 }
 
 impl Transport for LocalTransport {

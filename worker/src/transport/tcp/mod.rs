@@ -11,7 +11,9 @@
 //! 256 KiB ahead of the bytes that actually arrived, so a peer announcing a large frame and
 //! sending little cannot make us commit the memory it announced. A collective returns once it
 //! has every peer's frame and the kernel has taken all of ours; the deadline bounds both, and
-//! the first peer still owing us data is the one blamed on timeout.
+//! the first peer still owing us data is the one blamed on timeout. When one link fails the
+//! collective still finishes with the other peers before the error is returned, so that they
+//! are not left waiting on this rank and blame the rank that actually failed.
 
 mod conn;
 mod setup;
@@ -194,12 +196,24 @@ impl TcpTransport {
             }
         }
         let max_len = self.max_frame_bytes;
+        let mut first_error: Option<TransportError> = None;
         loop {
             let mut open = false;
-            for ex in &mut exchanges {
-                let link = self.links[ex.peer].as_mut().ok_or_else(|| missing_link(ex.peer))?;
-                ex.pump_send(&mut link.conn, bytes)?;
-                ex.pump_recv(&mut link.conn, max_len, bytes)?;
+            for ex in exchanges.iter_mut().filter(|ex| !ex.failed) {
+                let step = match self.links[ex.peer].as_mut() {
+                    Some(link) => {
+                        ex.pump_send(&mut link.conn, bytes).and_then(|()| ex.pump_recv(&mut link.conn, max_len, bytes))
+                    }
+                    None => Err(missing_link(ex.peer)),
+                };
+                if let Err(err) = step {
+                    // Finish with everyone else before reporting: a rank that stopped here would
+                    // leave its other peers waiting for its frame, and they would blame it
+                    // instead of the peer that actually failed.
+                    ex.failed = true;
+                    first_error.get_or_insert(err);
+                    continue;
+                }
                 open |= !ex.done();
             }
             if !open {
@@ -207,12 +221,17 @@ impl TcpTransport {
             }
             let now = Instant::now();
             if now >= deadline {
-                let blamed =
-                    exchanges.iter().find(|ex| !ex.rx_done()).or_else(|| exchanges.iter().find(|ex| !ex.done()));
-                let peer = blamed.map_or(rank, |ex| ex.peer);
-                return Err(TransportError::Timeout { peer, op, seq, waited: started.elapsed() });
+                return Err(first_error.unwrap_or_else(|| {
+                    let live = || exchanges.iter().filter(|ex| !ex.failed);
+                    let blamed = live().find(|ex| !ex.rx_done()).or_else(|| live().find(|ex| !ex.done()));
+                    let peer = blamed.map_or(rank, |ex| ex.peer);
+                    TransportError::Timeout { peer, op, seq, waited: started.elapsed() }
+                }));
             }
             self.wait(&mut exchanges, deadline - now)?;
+        }
+        if let Some(err) = first_error {
+            return Err(err);
         }
         for ex in exchanges {
             let peer = ex.peer;
@@ -225,7 +244,7 @@ impl TcpTransport {
     fn wait(&self, exchanges: &mut [PeerExchange], timeout: Duration) -> Result<(), TransportError> {
         let mut fds = Vec::with_capacity(exchanges.len());
         let mut who = Vec::with_capacity(exchanges.len());
-        for (i, ex) in exchanges.iter().enumerate() {
+        for (i, ex) in exchanges.iter().enumerate().filter(|(_, ex)| !ex.failed) {
             let mut events = PollFlags::empty();
             if !ex.rx_done() {
                 events |= PollFlags::IN;
@@ -336,6 +355,8 @@ struct PeerExchange {
     /// Whether trying the socket may make progress (false after it would block, until poll).
     tx_ready: bool,
     rx_ready: bool,
+    /// This peer's link failed during the collective; the others are still finished.
+    failed: bool,
 }
 
 impl PeerExchange {
@@ -352,6 +373,7 @@ impl PeerExchange {
             incoming: Incoming::Header { buf: [0; HEADER_LEN], filled: 0 },
             tx_ready: true,
             rx_ready: true,
+            failed: false,
         }
     }
 

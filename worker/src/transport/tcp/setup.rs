@@ -261,13 +261,18 @@ fn acceptor_exchange<S: Read + Write>(
 
 /// Reads one handshake frame, refusing anything larger than a handshake can be.
 fn read_handshake_frame(stream: &mut impl Read) -> Result<(FrameHeader, Vec<u8>), String> {
+    let failed = |e: io::Error| match e.kind() {
+        // What a socket timeout looks like.
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "no handshake before the timeout".to_string(),
+        _ => format!("reading the handshake: {e}"),
+    };
     let mut head = [0u8; HEADER_LEN];
-    stream.read_exact(&mut head).map_err(|e| format!("reading the handshake: {e}"))?;
+    stream.read_exact(&mut head).map_err(failed)?;
     let header = FrameHeader::decode(&head, MAX_HANDSHAKE_BYTES).map_err(|e| format!("bad handshake frame: {e}"))?;
     if header.seq != 0 {
         return Err(format!("handshake frame with sequence number {}", header.seq));
     }
     let mut payload = vec![0u8; header.len as usize];
-    stream.read_exact(&mut payload).map_err(|e| format!("reading the handshake: {e}"))?;
+    stream.read_exact(&mut payload).map_err(failed)?;
     Ok((header, payload))
 }

@@ -197,6 +197,51 @@ fn missing_peer_fails_setup_at_the_deadline() {
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 }
 
+const CHILD_ENV: &str = "HERD_TRANSPORT_TEST_PARENT";
+
+/// Rank 1 of [`killed_process_is_peer_lost`], run in a child process: exchanges until killed.
+#[test]
+#[ignore = "runs only as the child process of killed_process_is_peer_lost"]
+fn child_rank() {
+    let Some(parent) = std::env::var(CHILD_ENV).ok().and_then(|a| a.parse::<SocketAddr>().ok()) else { return };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let peers = [parent, listener.local_addr().expect("addr")];
+    let mut t = TcpTransport::connect(1, 2, &peers, listener, TcpOptions::default(), in_secs(20)).expect("setup");
+    // Stops when the parent goes away (or after a while if it hangs).
+    while t.all_to_all_v(vec![vec![1; 1000], vec![1; 1000]], in_secs(20)).is_ok() {}
+}
+
+#[test]
+fn killed_process_is_peer_lost() {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let exe = std::env::current_exe().expect("test binary");
+    let mut child = std::process::Command::new(exe)
+        .args(["--exact", "transport::tcp::tests::child_rank", "--ignored", "--quiet"])
+        .env(CHILD_ENV, addr.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn the child rank");
+    let peers = [addr, "127.0.0.1:9".parse().expect("addr")];
+    let mut t = TcpTransport::connect(0, 2, &peers, listener, TcpOptions::default(), in_secs(30)).expect("setup");
+    for _ in 0..20 {
+        let recv = t.all_to_all_v(vec![vec![0; 1000], vec![0; 1000]], in_secs(20)).expect("exchange");
+        assert_eq!(recv[1], vec![1; 1000]);
+    }
+    child.kill().expect("SIGKILL the child");
+    let started = Instant::now();
+    // The child may have sent its next frame before it died; the loss shows on a later call.
+    let err = loop {
+        if let Err(e) = t.all_to_all_v(vec![vec![0; 1000], vec![0; 1000]], in_secs(10)) {
+            break e;
+        }
+    };
+    assert!(matches!(err, TransportError::PeerLost { peer: 1, .. }), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    child.wait().expect("reap the child");
+}
+
 /// Median time of `iters` all_to_all_v calls of `bytes` per peer, measured on rank 0.
 pub(super) fn latency(group: Vec<TcpTransport>, bytes: usize, iters: usize) -> Duration {
     let world = group.len();
