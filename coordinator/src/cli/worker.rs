@@ -16,6 +16,7 @@ use herd_worker::lockstep::{self, LockstepConfig};
 use herd_worker::model::weights::ComputeDtype;
 use herd_worker::placement::{MoeShape, Placement};
 use herd_worker::transport::tcp::{TcpOptions, TcpTransport};
+use herd_worker::transport::tls::TlsConfig;
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -58,6 +59,16 @@ pub struct WorkerArgs {
     /// Shared by the group's members; a connection with another token is refused.
     #[arg(long, default_value = "herd")]
     cluster_token: String,
+    /// Encrypt the data plane with mutual TLS: the cluster CA certificate (PEM). Needs
+    /// --tls-cert and --tls-key; every worker of the group must use TLS.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<PathBuf>,
+    /// This worker's certificate, signed by the cluster CA (PEM).
+    #[arg(long, requires = "tls_ca")]
+    tls_cert: Option<PathBuf>,
+    /// This worker's private key (PEM).
+    #[arg(long, requires = "tls_ca")]
+    tls_key: Option<PathBuf>,
     /// Directory where presets are synthesised (default ~/.cache/herd).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -107,7 +118,11 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let mut early = VecDeque::new();
     let peers = if args.peers.is_empty() { wait_for_peers(&commands, &mut early)? } else { args.peers.clone() };
     anyhow::ensure!(peers.len() == args.world, "got {} peer addresses for a world of {}", peers.len(), args.world);
-    let opts = TcpOptions { cluster_token: args.cluster_token.as_bytes().to_vec(), ..TcpOptions::default() };
+    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(TlsConfig::new(ca.clone(), cert.clone(), key.clone())),
+        _ => None,
+    };
+    let opts = TcpOptions { cluster_token: args.cluster_token.as_bytes().to_vec(), tls, ..TcpOptions::default() };
     let deadline = Instant::now() + Duration::from_secs(args.connect_timeout_s);
     let transport = TcpTransport::connect(args.rank, args.world, &peers, listener, opts, deadline)
         .context("connecting the data plane")?;
