@@ -9,5 +9,7 @@
 //! A request from the CLI: tokenize with the checkpoint's frontend → [`backend::Backend::submit`]
 //! → the least busy worker's engine → events back through [`backend::Backend::poll`].
 
+pub mod api;
 pub mod backend;
 pub mod local_cluster;
+pub mod raft;
