@@ -10,10 +10,14 @@ use std::process::ExitCode;
 
 #[derive(Parser, Debug)]
 #[command(name = "herd", version, about = "Distributed inference for Llama 4 mixture-of-experts models")]
+#[command(args_override_self = true)]
 struct Cli {
     /// Compute threads (default: one per core).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Read flags from a TOML file (flags on the command line override it).
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -28,18 +32,40 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Write a random-weight Llama 4 checkpoint (HF layout) for tests and benchmarks.
     Synth(cli::synth::SynthArgs),
+    /// Run a whole cluster on this host (coordinators + worker processes) behind one API.
+    Serve(cli::serve::ServeArgs),
+    /// Operator commands against a coordinator's admin API.
+    Admin(cli::admin::AdminArgs),
+    /// Run one coordinator of the Raft-replicated control tier.
+    Coordinator(cli::coordinator::CoordinatorArgs),
     /// Run one worker of an expert-parallel group (control: JSON lines on stdin/stdout).
     Worker(cli::worker::WorkerArgs),
+    /// Create the cluster CA and node certificates.
+    Ca(cli::ca::CaArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let subcommands: Vec<String> =
+        <Cli as clap::CommandFactory>::command().get_subcommands().map(|c| c.get_name().to_owned()).collect();
+    let names: Vec<&str> = subcommands.iter().map(String::as_str).collect();
+    let argv = match cli::config_file::expand(std::env::args_os().collect(), &names) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     let result = init_threads(cli.threads).and_then(|()| match cli.command {
         Command::Generate(args) => cli::generate::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::Synth(args) => cli::synth::run(args),
         Command::Worker(args) => cli::worker::run(args),
+        Command::Coordinator(args) => cli::coordinator::run(args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Admin(args) => cli::admin::run(args),
+        Command::Ca(args) => cli::ca::run(args),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -30,6 +30,10 @@ pub enum Command {
     },
     /// Finish running requests, then leave the group together with every other worker.
     Shutdown,
+    /// Leave the group now: every request ends with this reason (a new placement epoch).
+    Leave {
+        reason: String,
+    },
 }
 
 /// Worker → driver.
@@ -85,6 +89,95 @@ pub struct LayerStats {
     pub exchange_ms: f64,
     pub compute_ms: f64,
     pub routed_tokens: u64,
+}
+
+// ---------------------------------------------------------------------------------------
+// Coordinator ↔ worker, over the QUIC control channel (bincode frames).
+
+/// Worker → coordinator.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum FromWorker {
+    /// First message on every connection.
+    Hello(WorkerHello),
+    /// Every heartbeat interval.
+    Status(WorkerStatus),
+    Event(Event),
+    Rejected {
+        id: RequestId,
+        reason: Rejection,
+    },
+    /// The worker's lockstep group for `epoch` failed; it waits for a new assignment.
+    GroupFailed {
+        epoch: u64,
+        error: String,
+    },
+}
+
+/// Who a worker is and what it brings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerHello {
+    pub name: String,
+    pub data_addr: SocketAddr,
+    pub memory_bytes: u64,
+    pub device: String,
+    /// Hash of the checkpoint's config.json (must match the cluster's model).
+    pub fingerprint: String,
+    pub version: u32,
+}
+
+/// A worker's load and group state, sent as its heartbeat.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    /// Epoch of the group the worker is running (0: none).
+    pub epoch: u64,
+    /// Whether that group is up (formed and stepping).
+    pub serving: bool,
+    pub running: usize,
+    pub waiting: usize,
+    /// Share of the KV cache reserved (0..1).
+    pub kv_usage: f64,
+}
+
+/// Coordinator → worker.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ToWorker {
+    /// Registration accepted: the worker's id, and the sending coordinator's id (request ids
+    /// carry it in their top 16 bits, so events find their way back).
+    Welcome {
+        worker_id: u64,
+        coordinator_id: u64,
+    },
+    /// Registration refused (e.g. another model); the worker exits.
+    Refused {
+        reason: String,
+    },
+    /// Join (or re-form) the lockstep group of `epoch`.
+    Assign(Assignment),
+    Submit(Request),
+    Cancel {
+        id: RequestId,
+    },
+}
+
+/// One worker's part in a placement epoch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub epoch: u64,
+    pub rank: usize,
+    /// Data-plane addresses of the group, in rank order.
+    pub members: Vec<SocketAddr>,
+    pub placement: crate::placement::Placement,
+    pub step_timeout_ms: u64,
+}
+
+/// The coordinator id encoded in a request id (top 16 bits).
+pub fn request_coordinator(id: RequestId) -> u64 {
+    id >> 48
+}
+
+/// A request id unique across coordinators: `coordinator << 48 | sequence`.
+pub fn make_request_id(coordinator: u64, sequence: u64) -> RequestId {
+    (coordinator << 48) | (sequence & ((1 << 48) - 1))
 }
 
 #[derive(Debug, thiserror::Error)]

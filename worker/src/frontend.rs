@@ -64,6 +64,18 @@ impl Frontend {
         Ok(TextModel::from_checkpoint(&ckpt, &self.config.text, compute, local_experts)?)
     }
 
+    /// A hash of config.json (FNV-1a, 64 bits, hex): workers and coordinators compare it so
+    /// that a worker with another checkpoint cannot join.
+    pub fn fingerprint(&self) -> String {
+        let bytes = std::fs::read(self.dir.join("config.json")).unwrap_or_default();
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in bytes {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+
     /// Stop ids: generation_config.json's, else config.json's.
     pub fn eos_ids(&self) -> Vec<u32> {
         if self.generation.eos_token_ids.is_empty() {

@@ -5,6 +5,8 @@
 //!   ([`model::checkpoint`]), typed weights ([`model::weights`]) and the text forward pass
 //!   ([`model::text`], with the MoE block in [`model::moe`]).
 //! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate, incremental detokenising.
+//! - [`agent`]: a worker's side of the coordinator tier (registration, heartbeats, placement
+//!   epochs re-forming the lockstep group, requests in and events out).
 //! - [`chat_template`]: the checkpoint's Jinja chat template rendered as transformers does.
 //! - [`engine`]: the continuous-batching engine ([`engine::scheduler`]) over a paged KV cache
 //!   ([`engine::kv_cache`]), with sampling ([`engine::sampler`]) and stop rules.
@@ -28,6 +30,7 @@
 //! [`engine::sampler`] and [`engine::stop`] rules turn logits into tokens and text, which
 //! leave as [`engine::request::Event`]s ([`control::Report`]s from a worker process).
 
+pub mod agent;
 pub mod chat_template;
 pub mod control;
 pub mod engine;

@@ -14,6 +14,7 @@ use crate::engine::scheduler::{Engine, EngineError};
 use crate::ep::EpRunner;
 use crate::transport::{TransportError, all_gather};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
@@ -24,17 +25,27 @@ pub enum LockstepError {
     Engine(#[from] EngineError),
 }
 
-/// Loop timing.
-#[derive(Clone, Copy, Debug)]
+/// Loop settings.
+#[derive(Clone, Debug)]
 pub struct LockstepConfig {
     /// How long an idle group waits for a command before voting again.
     pub idle_wait: Duration,
+    /// Where the loop publishes the engine's load after every iteration (for heartbeats).
+    pub load: Option<Arc<Mutex<Load>>>,
 }
 
 impl Default for LockstepConfig {
     fn default() -> Self {
-        Self { idle_wait: Duration::from_millis(2) }
+        Self { idle_wait: Duration::from_millis(2), load: None }
     }
+}
+
+/// The engine's load, as heartbeats report it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Load {
+    pub running: usize,
+    pub waiting: usize,
+    pub kv_usage: f64,
 }
 
 /// Totals over the loop's life.
@@ -58,6 +69,10 @@ pub fn run(
         // Commands arrive between steps only, so a step's batch never changes under it.
         loop {
             match commands.try_recv() {
+                Ok(Command::Leave { reason }) => {
+                    deliver(engine.abort_all(&reason), report);
+                    return Ok(stats);
+                }
                 Ok(cmd) => apply(engine, cmd, &mut leaving, report),
                 Err(std::sync::mpsc::TryRecvError::Empty) => break,
                 // The driver is gone: finish what we have, then leave with the group.
@@ -68,6 +83,11 @@ pub fn run(
             }
         }
         deliver(engine.take_events(), report);
+        if let Some(load) = &config.load
+            && let Ok(mut l) = load.lock()
+        {
+            *l = Load { running: engine.running(), waiting: engine.waiting(), kv_usage: engine.kv_usage() };
+        }
         let vote = [u8::from(engine.has_work()), u8::from(leaving)];
         let deadline = Instant::now() + runner.timeout();
         let votes = match all_gather(runner.transport(), &vote, deadline) {
@@ -114,6 +134,7 @@ fn apply(engine: &mut Engine, cmd: Command, leaving: &mut bool, report: &mut dyn
             engine.cancel(id);
         }
         Command::Shutdown => *leaving = true,
+        Command::Leave { .. } => {}
         // Only meaningful before the group forms; ignore a late duplicate.
         Command::Peers { .. } => {}
     }

@@ -1,10 +1,17 @@
 //! One module per `herd` subcommand (its clap arguments and its `run`), plus what they share.
 
+pub mod admin;
 pub mod bench;
+pub mod ca;
+pub mod config_file;
+pub mod coordinator;
 pub mod engine_flags;
 pub mod eval;
 pub mod generate;
+pub mod http;
 pub mod model_arg;
+pub mod serve;
 pub mod synth;
 pub mod sys;
 pub mod worker;
+pub mod worker_agent;

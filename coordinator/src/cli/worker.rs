@@ -27,54 +27,72 @@ use std::time::{Duration, Instant};
 
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
-    /// This worker's rank, 0..world.
+    // Fields are read by the coordinator-managed mode in `worker_agent`.
+    /// Join a coordinator-managed cluster: every coordinator's control address, comma-separated.
+    /// The coordinators then assign rank, placement and peers. Without it the worker forms a
+    /// static group from --rank/--world/--peers and takes commands on stdin.
+    #[arg(long, value_delimiter = ',')]
+    pub(super) coordinators: Vec<SocketAddr>,
+    /// With --coordinators: the directory with the cluster CA and this node's certificate.
+    #[arg(long, requires = "coordinators")]
+    pub(super) tls_dir: Option<PathBuf>,
+    /// Which certificate in --tls-dir is this node's.
+    #[arg(long, default_value = "node")]
+    pub(super) tls_name: String,
+    /// With --coordinators: this worker's name in the cluster (default: worker-<data port>).
     #[arg(long)]
-    rank: usize,
-    /// Number of workers in the group.
-    #[arg(long)]
-    world: usize,
+    pub(super) name: Option<String>,
+    /// Static group: this worker's rank, 0..world.
+    #[arg(long, required_unless_present = "coordinators")]
+    pub(super) rank: Option<usize>,
+    /// Static group: number of workers.
+    #[arg(long, required_unless_present = "coordinators")]
+    pub(super) world: Option<usize>,
     /// Data-plane address of every rank, comma-separated, in rank order. Without it the
     /// worker binds --listen, reports the address, and waits for the list on its control channel.
     #[arg(long, value_delimiter = ',')]
-    peers: Vec<SocketAddr>,
+    pub(super) peers: Vec<SocketAddr>,
     /// Where to listen when --peers is not given.
     #[arg(long, default_value = "127.0.0.1:0")]
-    listen: SocketAddr,
+    pub(super) listen: SocketAddr,
     /// Checkpoint directory, or a synth preset.
     #[arg(long)]
-    model: String,
+    pub(super) model: String,
     /// Expert placement: round-robin, skewed, replicated, or a JSON/TOML file.
     #[arg(long, default_value = "round-robin")]
-    placement: String,
+    pub(super) placement: String,
     #[arg(long, default_value = "bf16")]
-    dtype: ComputeDtype,
+    pub(super) dtype: ComputeDtype,
     #[command(flatten)]
-    engine: EngineFlags,
+    pub(super) engine: EngineFlags,
     /// Deadline of each data-plane collective: a peer silent for longer fails the step.
     #[arg(long, default_value_t = 60_000)]
-    step_timeout_ms: u64,
+    pub(super) step_timeout_ms: u64,
     /// How long to wait for every peer to connect.
     #[arg(long, default_value_t = 120)]
-    connect_timeout_s: u64,
+    pub(super) connect_timeout_s: u64,
     /// Shared by the group's members; a connection with another token is refused.
     #[arg(long, default_value = "herd")]
-    cluster_token: String,
+    pub(super) cluster_token: String,
     /// Encrypt the data plane with mutual TLS: the cluster CA certificate (PEM). Needs
     /// --tls-cert and --tls-key; every worker of the group must use TLS.
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
-    tls_ca: Option<PathBuf>,
+    pub(super) tls_ca: Option<PathBuf>,
     /// This worker's certificate, signed by the cluster CA (PEM).
     #[arg(long, requires = "tls_ca")]
-    tls_cert: Option<PathBuf>,
+    pub(super) tls_cert: Option<PathBuf>,
     /// This worker's private key (PEM).
     #[arg(long, requires = "tls_ca")]
-    tls_key: Option<PathBuf>,
+    pub(super) tls_key: Option<PathBuf>,
     /// Directory where presets are synthesised (default ~/.cache/herd).
     #[arg(long)]
-    cache_dir: Option<PathBuf>,
+    pub(super) cache_dir: Option<PathBuf>,
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    if !args.coordinators.is_empty() {
+        return super::worker_agent::run(&args);
+    }
     let mut out = std::io::stdout().lock();
     let result = serve(&args, &mut out);
     if let Err(e) = &result {
@@ -84,12 +102,13 @@ pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
 }
 
 fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
-    anyhow::ensure!(args.world > 0 && args.rank < args.world, "--rank {} is not in 0..{}", args.rank, args.world);
+    let (rank, world) = (args.rank.unwrap_or(0), args.world.unwrap_or(0));
+    anyhow::ensure!(world > 0 && rank < world, "--rank {rank} is not in 0..{world}");
     anyhow::ensure!(
-        args.peers.is_empty() || args.peers.len() == args.world,
+        args.peers.is_empty() || args.peers.len() == world,
         "--peers lists {} addresses for a world of {}",
         args.peers.len(),
-        args.world
+        world
     );
     let commands = spawn_command_reader();
     let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
@@ -99,13 +118,13 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
         moe_layers: (0..text.num_hidden_layers).filter(|&l| text.layers[l].moe).collect(),
         experts: text.num_local_experts,
     };
-    let placement = Placement::from_arg(&args.placement, args.world, &shape)?;
+    let placement = Placement::from_arg(&args.placement, world, &shape)?;
     let local: BTreeMap<usize, Vec<usize>> =
-        shape.moe_layers.iter().map(|&l| (l, placement.local_experts(args.rank, l))).collect();
+        shape.moe_layers.iter().map(|&l| (l, placement.local_experts(rank, l))).collect();
     let local_experts: usize = local.values().map(Vec::len).sum();
 
     // Bind before loading weights so the driver can wire the group while we load.
-    let listener = TcpListener::bind(args.peers.get(args.rank).copied().unwrap_or(args.listen))
+    let listener = TcpListener::bind(args.peers.get(rank).copied().unwrap_or(args.listen))
         .context("binding the data-plane port")?;
     let addr = listener.local_addr()?;
     write_message(out, &Report::Listening { addr, version: CONTROL_VERSION })?;
@@ -117,20 +136,20 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
 
     let mut early = VecDeque::new();
     let peers = if args.peers.is_empty() { wait_for_peers(&commands, &mut early)? } else { args.peers.clone() };
-    anyhow::ensure!(peers.len() == args.world, "got {} peer addresses for a world of {}", peers.len(), args.world);
+    anyhow::ensure!(peers.len() == world, "got {} peer addresses for a world of {world}", peers.len());
     let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
         (Some(ca), Some(cert), Some(key)) => Some(TlsConfig::new(ca.clone(), cert.clone(), key.clone())),
         _ => None,
     };
     let opts = TcpOptions { cluster_token: args.cluster_token.as_bytes().to_vec(), tls, ..TcpOptions::default() };
     let deadline = Instant::now() + Duration::from_secs(args.connect_timeout_s);
-    let transport = TcpTransport::connect(args.rank, args.world, &peers, listener, opts, deadline)
-        .context("connecting the data plane")?;
+    let transport =
+        TcpTransport::connect(rank, world, &peers, listener, opts, deadline).context("connecting the data plane")?;
     let mut runner = EpRunner::new(Box::new(transport), placement, Duration::from_millis(args.step_timeout_ms));
-    write_message(out, &Report::Ready { rank: args.rank, world: args.world, local_experts, weight_bytes })?;
+    write_message(out, &Report::Ready { rank, world, local_experts, weight_bytes })?;
     eprintln!(
         "[herd worker {}] ready: {} routed experts, {:.1} MiB of weights",
-        args.rank,
+        rank,
         local_experts,
         weight_bytes as f64 / (1 << 20) as f64
     );
@@ -170,7 +189,7 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
                 })
                 .collect();
             report(Report::Stats(WorkerStats {
-                rank: args.rank,
+                rank,
                 steps: loop_stats.steps,
                 collectives: stats.collectives,
                 bytes_sent: stats.bytes_sent,
@@ -181,7 +200,7 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
             }));
             Ok(())
         }
-        Err(e) => Err(e).with_context(|| format!("worker {} left the group", args.rank)),
+        Err(e) => Err(e).with_context(|| format!("worker {rank} left the group")),
     }
 }
 

@@ -68,6 +68,8 @@ pub enum Rejection {
     DuplicateId(RequestId),
     #[error("the engine is shutting down")]
     ShuttingDown,
+    #[error("this worker is not serving (its group is forming or re-forming)")]
+    NotServing,
 }
 
 impl From<SamplingError> for Rejection {

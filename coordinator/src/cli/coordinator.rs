@@ -1,0 +1,222 @@
+//! `herd coordinator`: one member of the Raft-replicated coordinator tier.
+//!
+//! It runs, on one tokio runtime:
+//! - the Raft node (`raft`) over QUIC with mutual TLS (`raft_quic`), replicating the cluster
+//!   state machine (`cluster`, `state_machine`);
+//! - the control server for worker channels (`control_server`) and the scheduler
+//!   (`scheduler`), fed with every applied state;
+//! - the leader duties (`leader`): worker verdicts and placement epochs;
+//! - the OpenAI API (`api`) and the admin API (`admin`).
+
+use super::model_arg;
+use anyhow::Context;
+use herd_coordinator::admin::{self, AdminState};
+use herd_coordinator::api::{self, ApiConfig, ApiState};
+use herd_coordinator::cluster::{ClusterCommand, CoordinatorInfo, ModelSpec, Outcome};
+use herd_coordinator::leader::{self, LeaderConfig};
+use herd_coordinator::raft::{RaftConfig, RaftNode};
+use herd_coordinator::raft_quic::{self, QuicRaftTransport};
+use herd_coordinator::scheduler::{ClusterService, Scheduler};
+use herd_coordinator::state_machine::{ClusterMachine, decode_outcome, encode_command};
+use herd_net::TlsFiles;
+use herd_worker::frontend::Frontend;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    /// This coordinator's id (non-zero, unique).
+    #[arg(long)]
+    id: u64,
+    /// Where the Raft log, hard state and snapshots are kept.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Every founding coordinator's Raft address: `1=HOST:PORT,2=HOST:PORT,...` (this one included).
+    #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
+    peers: Vec<(u64, SocketAddr)>,
+    /// Raft traffic (QUIC).
+    #[arg(long)]
+    raft_listen: SocketAddr,
+    /// Worker control channels (QUIC).
+    #[arg(long)]
+    control_listen: SocketAddr,
+    /// The OpenAI-compatible API (HTTP).
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    api_listen: SocketAddr,
+    /// The admin API (HTTP).
+    #[arg(long, default_value = "127.0.0.1:8001")]
+    admin_listen: SocketAddr,
+    /// Checkpoint directory, or a synth preset (the coordinator reads config and tokenizer only).
+    #[arg(long)]
+    model: String,
+    /// The model id clients name (default: the --model argument's last component).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Directory with the cluster CA and this node's certificate (`herd ca init`).
+    #[arg(long)]
+    tls_dir: PathBuf,
+    /// Which certificate in --tls-dir is this node's.
+    #[arg(long, default_value = "node")]
+    tls_name: String,
+    /// Require `Authorization: Bearer KEY` on the OpenAI API.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Require `Authorization: Bearer KEY` on the admin API.
+    #[arg(long)]
+    admin_key: Option<String>,
+    /// Live workers needed before the first placement epoch forms.
+    #[arg(long, default_value_t = 1)]
+    min_workers: usize,
+    /// Deadline of each data-plane collective between workers.
+    #[arg(long, default_value_t = 60_000)]
+    step_timeout_ms: u64,
+    /// A worker silent this long is suspect (gets no new requests).
+    #[arg(long, default_value_t = 1500)]
+    suspect_after_ms: u64,
+    /// A worker silent this long is dead (removed at the next placement epoch).
+    #[arg(long, default_value_t = 4000)]
+    dead_after_ms: u64,
+    /// Length of one Raft tick (elections after 10–20 ticks).
+    #[arg(long, default_value_t = 100)]
+    raft_tick_ms: u64,
+    /// Directory where presets are synthesised (default ~/.cache/herd).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+fn parse_peer(s: &str) -> Result<(u64, SocketAddr), String> {
+    let (id, addr) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=HOST:PORT"))?;
+    let id = id.trim().parse().map_err(|_| format!("{id:?} is not a coordinator id"))?;
+    let addr = addr.trim().parse().map_err(|e| format!("{addr:?}: {e}"))?;
+    Ok((id, addr))
+}
+
+pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.id > 0, "--id must be non-zero");
+    let peers: BTreeMap<u64, SocketAddr> = args.peers.iter().copied().collect();
+    anyhow::ensure!(peers.contains_key(&args.id), "--peers must include this coordinator ({})", args.id);
+    let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
+    let frontend = Arc::new(Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
+    let tls = TlsFiles::load(&args.tls_dir, &args.tls_name).context("loading TLS files")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(serve(args, peers, frontend, tls))
+}
+
+async fn serve(
+    args: CoordinatorArgs,
+    peers: BTreeMap<u64, SocketAddr>,
+    frontend: Arc<Frontend>,
+    tls: TlsFiles,
+) -> anyhow::Result<()> {
+    let me = args.id;
+    let served = args.served_model_name.clone().unwrap_or_else(|| {
+        std::path::Path::new(&args.model).file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let text = &frontend.config.text;
+    let model = ModelSpec {
+        name: served.clone(),
+        fingerprint: frontend.fingerprint(),
+        moe_layers: (0..text.num_hidden_layers).filter(|&l| text.layers[l].moe).collect(),
+        experts: text.num_local_experts,
+    };
+
+    // Raft over QUIC.
+    let raft_endpoint = herd_net::quic::server_endpoint(args.raft_listen, &tls).context("binding --raft-listen")?;
+    let others: BTreeMap<u64, SocketAddr> = peers.iter().filter(|(id, _)| **id != me).map(|(i, a)| (*i, *a)).collect();
+    let transport = QuicRaftTransport::start(me, others, raft_endpoint.clone(), &tokio::runtime::Handle::current());
+    let mut raft_config = RaftConfig::new(me, peers.keys().copied().collect(), args.data_dir.join("raft"));
+    raft_config.tick = Duration::from_millis(args.raft_tick_ms);
+    let (machine, mut applied) = ClusterMachine::new();
+    let (_node, raft) = RaftNode::spawn(raft_config, machine, transport).context("starting the raft node")?;
+    tokio::spawn(raft_quic::serve(raft_endpoint, raft.mailbox()));
+
+    // Scheduler, fed with every applied state.
+    let scheduler = Scheduler::new(me, args.step_timeout_ms);
+    {
+        let (raft, scheduler) = (raft.clone(), Arc::clone(&scheduler));
+        scheduler.set_state(&raft.read(|m| m.state().clone()));
+        tokio::spawn(async move {
+            while applied.changed().await.is_ok() {
+                let state = raft.read(|m| m.state().clone());
+                scheduler.set_state(&state);
+            }
+        });
+    }
+
+    // Worker control channels.
+    let control = herd_net::quic::server_endpoint(args.control_listen, &tls).context("binding --control-listen")?;
+    tokio::spawn(herd_coordinator::control_server::serve(control, raft.clone(), Arc::clone(&scheduler), me));
+
+    // Leader duties.
+    let leader_config = LeaderConfig {
+        me,
+        model,
+        min_workers: args.min_workers,
+        suspect_after: Duration::from_millis(args.suspect_after_ms),
+        dead_after: Duration::from_millis(args.dead_after_ms),
+        interval: Duration::from_millis(250),
+    };
+    tokio::spawn(leader::run(leader_config, raft.clone(), Arc::clone(&scheduler)));
+
+    // Announce this coordinator's addresses through the log (retried until a leader exists).
+    let info = CoordinatorInfo {
+        id: me,
+        raft_addr: args.raft_listen,
+        control_addr: args.control_listen,
+        api_addr: args.api_listen,
+        admin_addr: args.admin_listen,
+    };
+    {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            loop {
+                match raft.propose(encode_command(&ClusterCommand::AddCoordinator(info.clone()))).await {
+                    Ok(b) if matches!(decode_outcome(&b), Outcome::Done | Outcome::Unchanged) => return,
+                    _ => tokio::time::sleep(Duration::from_millis(500)).await,
+                }
+            }
+        });
+    }
+
+    // Admin API.
+    let admin_state =
+        AdminState { raft: raft.clone(), scheduler: Arc::clone(&scheduler), admin_key: args.admin_key.clone() };
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await.context("binding --admin-listen")?;
+    tokio::spawn(async move {
+        let _ = axum::serve(admin_listener, admin::router(admin_state)).await;
+    });
+
+    // OpenAI API.
+    let mut api_config = ApiConfig::for_model(&frontend);
+    api_config.served_model_name = served;
+    api_config.api_key = args.api_key.clone();
+    let state = ApiState::new(api_config, Arc::clone(&frontend), Arc::new(ClusterService(Arc::clone(&scheduler))))
+        .context("registering metrics")?;
+    let api_listener = tokio::net::TcpListener::bind(args.api_listen).await.context("binding --api-listen")?;
+    eprintln!(
+        "[herd coordinator {me}] raft {} control {} api http://{} admin http://{}",
+        args.raft_listen, args.control_listen, args.api_listen, args.admin_listen
+    );
+    api::serve(api_listener, state, shutdown_signal()).await.context("serving the API")?;
+    raft.shutdown().await;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
