@@ -63,10 +63,14 @@ async fn judge(config: &LeaderConfig, raft: &RaftHandle<ClusterMachine>, schedul
     let seen: std::collections::HashMap<u64, Option<Instant>> =
         scheduler.workers().into_iter().map(|w| (w.id, w.last_seen.filter(|_| w.connected))).collect();
     for w in state.workers.values() {
-        if matches!(w.verdict, Verdict::Dead | Verdict::Draining) {
+        if w.verdict == Verdict::Draining {
             continue;
         }
         let silent = seen.get(&w.id).copied().flatten().map(|t| t.elapsed());
+        // A dead worker comes back only on fresh heartbeats (e.g. after a network partition).
+        if w.verdict == Verdict::Dead && !silent.is_some_and(|d| d < config.suspect_after) {
+            continue;
+        }
         let next = match silent {
             Some(d) if d < config.suspect_after => Verdict::Live,
             Some(d) if d < config.dead_after => Verdict::Suspect,

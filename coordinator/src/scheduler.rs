@@ -124,7 +124,17 @@ impl Scheduler {
                 }
             }
         }
+        // A worker judged dead will not answer: end (or move) its requests now rather than
+        // when its connection finally times out (a killed process sends no goodbye over UDP).
+        let dead: HashSet<WorkerId> =
+            state.workers.values().filter(|w| w.verdict == Verdict::Dead).map(|w| w.id).collect();
         inner.view = view;
+        let stranded: Vec<(RequestId, WorkerId)> =
+            inner.routes.iter().filter(|(_, r)| dead.contains(&r.worker)).map(|(&id, r)| (id, r.worker)).collect();
+        for (id, worker) in stranded {
+            let name = inner.view.names.get(&worker).cloned().unwrap_or_else(|| worker.to_string());
+            fail_or_retry(&mut inner, id, format!("worker {name} stopped responding and was declared dead"));
+        }
         push_assignments(&mut inner);
     }
 

@@ -121,7 +121,9 @@ pub async fn run(config: AgentConfig, mut inbox: mpsc::UnboundedReceiver<Inbox>)
                             let current = group.as_ref().map_or(0, |g| g.epoch).max(latest.as_ref().map_or(0, |l| l.epoch));
                             if a.epoch > current {
                                 if let Some(g) = group.take() {
-                                    leave(g, a.epoch).await;
+                                    // Never block this loop on the old group: heartbeats must keep
+                                    // flowing while its thread waits out a collective deadline.
+                                    tokio::spawn(leave(g, a.epoch));
                                 }
                                 latest = Some(a.clone());
                                 group = Some(start_group(Arc::clone(&config), a, note_tx.clone()));

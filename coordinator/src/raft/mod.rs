@@ -2,7 +2,7 @@
 //!
 //! raft-rs does no I/O: it tells us what to send, persist and apply through `Ready`. This module
 //! supplies the I/O around it. Where each kind of code lives:
-//! - [`node`](self) (`node.rs`): the node thread. It owns the `RawNode`, ticks it, steps incoming
+//! - `node.rs`: the node thread. It owns the `RawNode`, ticks it, steps incoming
 //!   messages and handles each `Ready` in raft-rs's documented order (send → snapshot → apply →
 //!   persist with fsync → send persisted → advance → light ready). The only module that calls
 //!   into raft-rs's state machine.

@@ -183,6 +183,11 @@ impl<S: StateMachine> Node<S> {
             for ctx in self.reads.unconfirmed() {
                 self.raw.read_index(ctx);
             }
+            // A lost Forward or Accepted: ask the same leader again (it deduplicates by tag).
+            let (leader, term) = (self.raw.raft.leader_id, self.raw.raft.term);
+            for (id, proposal) in self.proposals.unanswered(leader, term) {
+                self.transport.send(leader, WireMessage::Forward { id, proposal });
+            }
         }
     }
 
@@ -204,7 +209,7 @@ impl<S: StateMachine> Node<S> {
         } else if self.raw.raft.leader_id != INVALID_ID {
             let to = self.raw.raft.leader_id;
             self.transport.send(to, WireMessage::Forward { id, proposal: proposal.clone() });
-            self.proposals.mark_forwarded(id, to);
+            self.proposals.mark_forwarded(id, to, self.raw.raft.term);
         }
     }
 
@@ -283,13 +288,14 @@ impl<S: StateMachine> Node<S> {
         let tag = Tag { origin: from, id };
         let reply = if self.raw.raft.state != StateRole::Leader {
             ForwardReply::Retry
-        } else if self.proposals.is_forwarded(tag) {
-            return; // a duplicate delivery; the first one is in the log
+        } else if let Some((index, term)) = self.proposals.forwarded_slot(tag) {
+            ForwardReply::Accepted { index, term } // sent again: it is in the log once already
         } else {
             match self.propose_here(tag, &proposal) {
                 Ok(Some(index)) => {
-                    self.proposals.note_forwarded(tag, Instant::now() + self.cfg.propose_timeout);
-                    ForwardReply::Accepted { index, term: self.raw.raft.term }
+                    let term = self.raw.raft.term;
+                    self.proposals.note_forwarded(tag, index, term, Instant::now() + self.cfg.propose_timeout);
+                    ForwardReply::Accepted { index, term }
                 }
                 Ok(None) => ForwardReply::Retry,
                 Err(e) => ForwardReply::Failed(e),

@@ -73,12 +73,20 @@ pub(crate) fn random_id_base() -> u64 {
     h.finish()
 }
 
+fn forwarded_to(stage: Stage) -> Option<u64> {
+    match stage {
+        Stage::Forwarded { to, .. } => Some(to),
+        _ => None,
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Stage {
     /// Waiting for a leader (or for a pending conf change to finish on the leader).
     Queued,
-    /// Sent to this leader; no answer yet.
-    Forwarded { to: u64 },
+    /// Sent to `to`, leader in `term`; no answer yet. Sent again while `to` still leads in
+    /// `term` (it deduplicates), never to another leader (which might propose it twice).
+    Forwarded { to: u64, term: u64 },
     /// In a leader's log at this index.
     Proposed { index: u64 },
 }
@@ -92,6 +100,14 @@ struct PendingProposal {
     reached_leader: bool,
     /// The leader's result, waiting until this node has applied `index` too.
     leader_result: Option<(u64, Result<Vec<u8>, RaftError>)>,
+}
+
+/// What a leader remembers of a proposal it made for a follower.
+struct ForwardedSlot {
+    index: u64,
+    term: u64,
+    forget_at: Instant,
+    replied: bool,
 }
 
 /// A forwarded reply to send: `ForwardReply::Applied` to `to`.
@@ -110,8 +126,9 @@ pub(crate) struct Proposals {
     pending: HashMap<u64, PendingProposal>,
     /// index → id for proposals whose log index is known.
     by_index: BTreeMap<u64, u64>,
-    /// Proposals this node (as leader) made for followers → when to forget them.
-    forwarded: HashMap<Tag, Instant>,
+    /// Proposals this node (as leader) made for followers, kept until `propose_timeout` after
+    /// they arrived so that a re-sent `Forward` is not proposed twice.
+    forwarded: HashMap<Tag, ForwardedSlot>,
     /// The highest index this node jumped to by installing a snapshot: entries at or below it
     /// may have been applied without this node seeing them.
     restored_through: u64,
@@ -173,9 +190,9 @@ impl Proposals {
         self.pending.get(&id).map(|p| p.stage)
     }
 
-    pub fn mark_forwarded(&mut self, id: u64, to: u64) {
+    pub fn mark_forwarded(&mut self, id: u64, to: u64, term: u64) {
         if let Some(p) = self.pending.get_mut(&id) {
-            p.stage = Stage::Forwarded { to };
+            p.stage = Stage::Forwarded { to, term };
             p.reached_leader = true;
         }
     }
@@ -192,7 +209,7 @@ impl Proposals {
     /// The leader we forwarded to said "not now": queue it again for the next tick.
     pub fn requeue(&mut self, id: u64, from: u64) {
         if let Some(p) = self.pending.get_mut(&id)
-            && p.stage == (Stage::Forwarded { to: from })
+            && forwarded_to(p.stage) == Some(from)
         {
             p.stage = Stage::Queued;
         }
@@ -207,7 +224,7 @@ impl Proposals {
 
     /// The leader we forwarded to refused the proposal for good.
     pub fn fail_forwarded(&mut self, id: u64, from: u64, err: RaftError) {
-        if self.stage(id) == Some(Stage::Forwarded { to: from }) {
+        if self.stage(id).and_then(forwarded_to) == Some(from) {
             self.fail(id, err);
         }
     }
@@ -230,7 +247,7 @@ impl Proposals {
     /// slot and the proposal was dropped.
     pub fn on_accepted(&mut self, id: u64, from: u64, index: u64, applied: u64) {
         let Some(p) = self.pending.get_mut(&id) else { return };
-        if p.stage != (Stage::Forwarded { to: from }) {
+        if forwarded_to(p.stage) != Some(from) {
             return;
         }
         p.stage = Stage::Proposed { index };
@@ -263,14 +280,26 @@ impl Proposals {
         }
     }
 
-    /// Whether this node (as leader) already proposed `tag` for a follower.
-    pub fn is_forwarded(&self, tag: Tag) -> bool {
-        self.forwarded.contains_key(&tag)
+    /// Forwarded proposals still unanswered by `leader` in `term`, to send again.
+    pub fn unanswered(&self, leader: u64, term: u64) -> Vec<(u64, Proposal)> {
+        let mut v: Vec<(u64, Proposal)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.stage == Stage::Forwarded { to: leader, term })
+            .map(|(id, p)| (*id, p.proposal.clone()))
+            .collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
     }
 
-    /// Remember that this node (as leader) proposed `tag` for a follower.
-    pub fn note_forwarded(&mut self, tag: Tag, forget_at: Instant) {
-        self.forwarded.insert(tag, forget_at);
+    /// Where this node (as leader) already proposed `tag` for a follower: (index, term).
+    pub fn forwarded_slot(&self, tag: Tag) -> Option<(u64, u64)> {
+        self.forwarded.get(&tag).map(|f| (f.index, f.term))
+    }
+
+    /// Remember that this node (as leader) proposed `tag` for a follower at `index`.
+    pub fn note_forwarded(&mut self, tag: Tag, index: u64, term: u64, forget_at: Instant) {
+        self.forwarded.insert(tag, ForwardedSlot { index, term, forget_at, replied: false });
     }
 
     /// This node applied the entry at `index` (tag from its context; `result` is None for an
@@ -287,7 +316,10 @@ impl Proposals {
         if let (Some(tag), Some(result)) = (tag, result) {
             if tag.origin == self.me {
                 self.resolve(tag.id, result);
-            } else if self.forwarded.remove(&tag).is_some() {
+            } else if let Some(f) = self.forwarded.get_mut(&tag)
+                && !f.replied
+            {
+                f.replied = true;
                 reply = Some(AppliedReply { to: tag.origin, id: tag.id, index, result });
             }
         }
@@ -329,7 +361,7 @@ impl Proposals {
             };
             self.fail(id, err);
         }
-        self.forwarded.retain(|_, forget_at| *forget_at > now);
+        self.forwarded.retain(|_, f| f.forget_at > now);
     }
 }
 
@@ -465,8 +497,10 @@ mod tests {
         let (tx, mut rx) = oneshot::channel();
         let id = p.add(cmd("a"), tx, later());
         assert_eq!(p.queued().len(), 1);
-        p.mark_forwarded(id, 1);
+        p.mark_forwarded(id, 1, 4);
         assert!(p.queued().is_empty());
+        assert_eq!(p.unanswered(1, 4).len(), 1);
+        assert!(p.unanswered(1, 5).is_empty(), "never re-sent to a leader of another term");
         p.on_accepted(id, 1, 7, 3);
         // The leader applied it, but we have not reached 7: keep waiting (read-your-writes).
         p.on_leader_applied(id, 7, Ok(b"x".to_vec()), 6);
@@ -482,11 +516,13 @@ mod tests {
     fn leader_side_reply_for_followers() {
         let mut leader = Proposals::new(1, 0);
         let tag = Tag { origin: 2, id: 42 };
-        leader.note_forwarded(tag, later());
+        leader.note_forwarded(tag, 8, 2, later());
+        assert_eq!(leader.forwarded_slot(tag), Some((8, 2)));
         let reply = leader.on_applied(8, Some(tag), Some(Ok(b"y".to_vec())));
         assert_eq!(reply, Some(AppliedReply { to: 2, id: 42, index: 8, result: Ok(b"y".to_vec()) }));
-        // Only once.
+        // Only once; and the slot is remembered so that a re-sent Forward is not proposed again.
         assert_eq!(leader.on_applied(8, Some(tag), Some(Ok(b"y".to_vec()))), None);
+        assert_eq!(leader.forwarded_slot(tag), Some((8, 2)));
     }
 
     #[test]
@@ -495,9 +531,9 @@ mod tests {
         let (tx, mut rx) = oneshot::channel();
         let now = Instant::now();
         let id = p.add(cmd("a"), tx, now + Duration::from_millis(10));
-        p.mark_forwarded(id, 1);
+        p.mark_forwarded(id, 1, 3);
         p.requeue(id, 3); // not the node we forwarded to: ignored
-        assert_eq!(p.stage(id), Some(Stage::Forwarded { to: 1 }));
+        assert_eq!(p.stage(id), Some(Stage::Forwarded { to: 1, term: 3 }));
         p.requeue(id, 1);
         assert_eq!(p.stage(id), Some(Stage::Queued));
         p.expire(now + Duration::from_millis(20));
