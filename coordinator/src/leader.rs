@@ -68,7 +68,7 @@ async fn judge(config: &LeaderConfig, raft: &RaftHandle<ClusterMachine>, schedul
         }
         let silent = seen.get(&w.id).copied().flatten().map(|t| t.elapsed());
         // A dead worker comes back only on fresh heartbeats (e.g. after a network partition).
-        if w.verdict == Verdict::Dead && !silent.is_some_and(|d| d < config.suspect_after) {
+        if w.verdict == Verdict::Dead && silent.is_none_or(|d| d >= config.suspect_after) {
             continue;
         }
         let next = match silent {

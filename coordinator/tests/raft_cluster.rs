@@ -361,8 +361,17 @@ async fn add_and_remove_voters() {
     assert!(!c.status(leader).voters.contains(&leader));
     c.kill(leader);
     propose(&c.h(new), "after-removed-node-gone").await.expect("three voters still commit");
-    let applied = c.converged(&rest, 11).await;
+
+    // A restarted voter replays both conf changes from its log (idempotently: its stored
+    // configuration already has them) and ends up in the same configuration.
+    let again = rest.iter().copied().find(|id| *id != new).expect("a follower");
+    c.kill(again);
+    c.start(again, c.founders.clone());
+    propose(&c.h(new), "after-restart").await.expect("propose");
+    let applied = c.converged(&rest, 12).await;
     c.assert_same_logs(&rest, applied);
+    assert_eq!(c.status(again).voters, c.status(new).voters);
+    assert!(c.log(again).strictly_increasing());
 }
 
 /// Raft thesis §9.6 (pre-vote): a follower cut off for many election timeouts does not bump its

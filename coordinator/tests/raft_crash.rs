@@ -114,8 +114,8 @@ async fn kill_9_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().expect("tmp");
     let dir = tmp.path().to_str().expect("utf-8 path").to_owned();
     let mut acked = Vec::new();
-    for round in 0..3 {
-        let r = run_child_and_kill(&dir, round, 60);
+    for round in 0..5 {
+        let r = run_child_and_kill(&dir, round, 40);
         acked.extend(r.acked);
         let s = RaftStorage::open(tmp.path()).expect("storage reopens after kill -9");
         let hs = s.hard_state();

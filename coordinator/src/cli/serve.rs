@@ -5,7 +5,7 @@
 //! executable, so what runs here is exactly what runs on a multi-host cluster.
 
 use super::engine_flags::EngineFlags;
-use super::{http, model_arg};
+use super::{http, model_arg, sys};
 use anyhow::{Context, bail};
 use herd_worker::model::weights::ComputeDtype;
 use std::net::{SocketAddr, TcpListener};
@@ -115,6 +115,7 @@ fn run_in(args: &ServeArgs, model_dir: &Path, served: &str, data_dir: &Path) -> 
         if let Some(key) = &args.api_key {
             cmd.args(["--api-key", key]);
         }
+        sys::terminate_with_parent(&mut cmd);
         children.0.push((
             format!("coordinator {}", i + 1),
             cmd.stdin(Stdio::null()).spawn().context("starting a coordinator")?,
@@ -131,6 +132,7 @@ fn run_in(args: &ServeArgs, model_dir: &Path, served: &str, data_dir: &Path) -> 
             .args(["--name", &format!("worker-{j}"), "--listen", "127.0.0.1:0", "--dtype", &args.dtype.to_string()])
             .args(["--step-timeout-ms", &args.step_timeout_ms.to_string()])
             .args(args.engine.to_args());
+        sys::terminate_with_parent(&mut cmd);
         children.0.push((format!("worker {j}"), cmd.stdin(Stdio::null()).spawn().context("starting a worker")?));
     }
 
