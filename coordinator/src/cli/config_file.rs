@@ -26,16 +26,17 @@ pub fn expand(argv: Vec<OsString>, subcommands: &[&str]) -> anyhow::Result<Vec<O
         bail!("--config needs a subcommand (one of {})", subcommands.join(", "));
     };
     let sub = rest[sub_at].to_string_lossy().into_owned();
+    // Top-level keys first, then the subcommand's table, so the more specific entry wins.
     let mut flags = Vec::new();
     for (key, value) in &table {
         match value {
-            toml::Value::Table(t) if key == &sub => {
-                for (k, v) in t {
-                    push_flag(&mut flags, k, v, &path)?;
-                }
-            }
             toml::Value::Table(_) if subcommands.contains(&key.as_str()) => {}
             other => push_flag(&mut flags, key, other, &path)?,
+        }
+    }
+    if let Some(toml::Value::Table(t)) = table.get(&sub) {
+        for (k, v) in t {
+            push_flag(&mut flags, k, v, &path)?;
         }
     }
     rest.splice(sub_at + 1..sub_at + 1, flags);
@@ -83,7 +84,9 @@ mod tests {
         let path = dir.path().join("c.toml");
         std::fs::write(
             &path,
-            "threads = 2\n[worker]\nrank = 1\npeers = [\"a:1\", \"b:2\"]\nignore_eos = true\nverbose = false\n[coordinator]\nid = 9\n",
+            // Keys in sorted order: `toml::Table` iterates sorted or in file order depending on
+            // cargo features unified across the workspace, and the test must hold for both.
+            "threads = 2\n[coordinator]\nid = 9\n[worker]\nignore_eos = true\npeers = [\"a:1\", \"b:2\"]\nrank = 1\nthreads = 1\nverbose = false\n",
         )
         .expect("write");
         let p = path.to_str().expect("utf8");
@@ -97,13 +100,15 @@ mod tests {
                 "worker",
                 "--threads",
                 "2",
-                "--rank",
-                "1",
+                "--ignore-eos",
                 "--peers",
                 "a:1",
                 "--peers",
                 "b:2",
-                "--ignore-eos",
+                "--rank",
+                "1",
+                "--threads",
+                "1",
                 "--rank",
                 "3"
             ]

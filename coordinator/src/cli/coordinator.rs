@@ -85,6 +85,13 @@ pub struct CoordinatorArgs {
     /// Directory where presets are synthesised (default ~/.cache/herd).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Prompt plus completion tokens one request may use (default: the model's
+    /// `max_position_embeddings`); also the cap on `max_tokens`.
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Largest API request body in bytes.
+    #[arg(long, default_value_t = ApiConfig::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
 }
 
 fn parse_peer(s: &str) -> Result<(u64, SocketAddr), String> {
@@ -193,6 +200,18 @@ async fn serve(
     let mut api_config = ApiConfig::for_model(&frontend);
     api_config.served_model_name = served;
     api_config.api_key = args.api_key.clone();
+    api_config.max_body_bytes = args.max_body_bytes;
+    if let Some(len) = args.max_model_len {
+        anyhow::ensure!(len > 0, "--max-model-len must be at least 1");
+        let model_len = frontend.config.text.max_position_embeddings;
+        anyhow::ensure!(
+            len <= model_len,
+            "--max-model-len {len} exceeds the model's max_position_embeddings ({model_len})"
+        );
+        api_config.max_model_len = len;
+        api_config.max_prompt_tokens = len;
+        api_config.max_tokens = len;
+    }
     let state = ApiState::new(api_config, Arc::clone(&frontend), Arc::new(ClusterService(Arc::clone(&scheduler))))
         .context("registering metrics")?;
     let api_listener = tokio::net::TcpListener::bind(args.api_listen).await.context("binding --api-listen")?;

@@ -40,6 +40,9 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer KEY` on the API.
     #[arg(long)]
     api_key: Option<String>,
+    /// Prompt plus completion tokens one request may use (default: the model's context length).
+    #[arg(long)]
+    max_model_len: Option<usize>,
     /// Deadline of each data-plane collective between workers.
     #[arg(long, default_value_t = 60_000)]
     step_timeout_ms: u64,
@@ -114,6 +117,9 @@ fn run_in(args: &ServeArgs, model_dir: &Path, served: &str, data_dir: &Path) -> 
             .arg(&tls);
         if let Some(key) = &args.api_key {
             cmd.args(["--api-key", key]);
+        }
+        if let Some(len) = args.max_model_len {
+            cmd.args(["--max-model-len", &len.to_string()]);
         }
         sys::terminate_with_parent(&mut cmd);
         children.0.push((
