@@ -1,15 +1,21 @@
-//! herd-coordinator: drives workers, and (as the cluster grows) owns cluster state.
+//! herd-coordinator: the coordinator tier (Raft, cluster state, scheduling, the APIs) and the
+//! pieces the `herd` binary uses to drive workers.
 //!
 //! Modules:
-//! - [`local_cluster`]: start `herd worker` processes on this host and talk to them over
-//!   their control channels.
 //! - [`cluster`]: the replicated cluster state and its pure `apply` (membership, model,
-//!   workers and verdicts, placement epochs).
-//! - [`backend`]: run requests in process ([`backend::LocalBackend`]) or on a worker group
-//!   ([`backend::ClusterBackend`]) behind one interface.
+//!   workers and verdicts, placement epochs); [`state_machine`] wraps it for Raft.
+//! - [`raft`]: the Raft node on raft-rs (storage, Ready handling, forwarding, ReadIndex);
+//!   [`raft_quic`]: its transport between coordinators (QUIC, mutual TLS).
+//! - [`control_server`]: worker control channels (registration, heartbeats, assignments,
+//!   requests, token events); [`scheduler`]: picks a worker per request, retries before the
+//!   first token; [`leader`]: worker verdicts and placement epochs, on the leader only.
+//! - [`api`]: the OpenAI-compatible HTTP API; [`admin`]: the operators' status API.
+//! - [`local_cluster`], [`backend`]: worker processes on this host over stdio, for
+//!   `herd generate/eval/bench --workers N`.
 //!
-//! A request from the CLI: tokenize with the checkpoint's frontend → [`backend::Backend::submit`]
-//! → the least busy worker's engine → events back through [`backend::Backend::poll`].
+//! A request through the cluster: [`api`] validates and tokenizes it → [`scheduler`] picks the
+//! worker with the most free KV room on the current epoch → [`control_server`]'s channel to
+//! that worker carries it down and its token events back → [`api`] streams them to the client.
 
 pub mod admin;
 pub mod api;

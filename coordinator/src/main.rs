@@ -83,3 +83,25 @@ fn init_threads(threads: Option<usize>) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    /// The example configs under deploy/ are what operators copy; they must stay valid.
+    #[test]
+    fn deploy_example_configs_parse() {
+        let names: Vec<String> =
+            <Cli as clap::CommandFactory>::command().get_subcommands().map(|c| c.get_name().to_owned()).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/config");
+        for sub in ["coordinator", "worker"] {
+            let file = dir.join(format!("{sub}.toml"));
+            let argv: Vec<OsString> = vec!["herd".into(), sub.into(), "--config".into(), file.clone().into()];
+            let argv = cli::config_file::expand(argv, &names).expect("expand");
+            let parsed = Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            assert!(parsed.config.is_none(), "--config is consumed by the expansion");
+        }
+    }
+}

@@ -300,8 +300,7 @@ async fn chat_client_mistakes_are_4xx_in_the_envelope() {
         (user(json!({"max_completion_tokens": -3})), bad, Some("max_completion_tokens"), None, "at least 1"),
         (user(json!({"n": 0})), bad, Some("n"), None, "n must be at least 1"),
         (user(json!({"n": 5})), bad, Some("n"), None, "at most 4"),
-        (user(json!({"logprobs": true})), bad, Some("logprobs"), None, "logprobs are not supported yet"),
-        (user(json!({"top_logprobs": 2})), bad, Some("logprobs"), None, "logprobs are not supported yet"),
+        (user(json!({"top_logprobs": 2})), bad, Some("top_logprobs"), None, "needs logprobs"),
         (chat(&long, json!({})), bad, Some("messages"), Some("context_length_exceeded"), "at most 40 prompt tokens"),
         (json!({"messages": []}), bad, Some("messages"), None, "must not be empty"),
         (json!({"messages": [{"role": "user", "content": 3}]}), bad, Some("messages"), None, "content"),
@@ -347,7 +346,7 @@ async fn completions_client_mistakes_are_4xx_in_the_envelope() {
         (json!({"prompt": [[]]}), bad, Some("prompt"), None, "empty token list"),
         (json!({"prompt": [1, "a"]}), bad, Some("prompt"), None, "prompt must be"),
         (json!({"prompt": ["a", "b", "c"]}), bad, Some("prompt"), None, "at most 2 prompts"),
-        (json!({"prompt": "x", "logprobs": 1}), bad, Some("logprobs"), None, "logprobs are not supported yet"),
+        (json!({"prompt": "x", "logprobs": 99}), bad, Some("logprobs"), None, "between 0 and 20"),
         (
             json!({"prompt": [1, 2], "max_tokens": 4095}),
             bad,

@@ -72,6 +72,14 @@ def main():
     cstream = client.completions.create(model=a.model, prompt="Once upon a time", stream=True, **greedy)
     check("".join(ch.choices[0].text for ch in cstream if ch.choices) == comp.choices[0].text, "streamed completion text")
 
+    lp = client.chat.completions.create(model=a.model, messages=messages, logprobs=True, top_logprobs=2, **greedy)
+    content = lp.choices[0].logprobs.content
+    check(len(content) == 16 and all(len(c.top_logprobs) == 2 for c in content), "chat logprobs: one entry per token, 2 alternatives")
+    check(all(c.token == c.top_logprobs[0].token and c.logprob <= 0 for c in content), "greedy token is the top logprob")
+    check(lp.choices[0].message.content == text, "logprobs do not change the greedy text")
+    clp = client.completions.create(model=a.model, prompt="Once upon a time", logprobs=1, **greedy)
+    check(len(clp.choices[0].logprobs.tokens) == 16 and len(clp.choices[0].logprobs.text_offset) == 16, "completion logprobs")
+
     stopped = client.chat.completions.create(model=a.model, messages=messages, stop=[text[2:4]] if len(text) > 4 else None, **greedy)
     check(stopped.choices[0].message.content is not None, "stop strings accepted")
 

@@ -5,6 +5,7 @@
 use super::ApiState;
 use super::errors::{ApiError, Json};
 use super::generation::{self, Choice};
+use super::logprobs::{self, LogprobEntry};
 use super::openai::{ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatMessage, GenerationRequest};
 use super::openai::{Delta, Usage};
 use super::sse::{self, ChunkFormat, json_event};
@@ -37,7 +38,7 @@ pub(crate) async fn handle(
         .map(|c| ChatChoice {
             index: c.index,
             message: ChatMessage { role: ASSISTANT, content: c.text },
-            logprobs: None,
+            logprobs: (!c.logprobs.is_empty()).then(|| logprobs::chat(&c.logprobs)),
             finish_reason: c.finish_reason.as_str(),
         })
         .collect();
@@ -75,8 +76,10 @@ impl ChunkFormat for ChatChunks {
         Some(self.delta(choice.index, delta, None))
     }
 
-    fn text(&self, index: u32, text: String) -> SseEvent {
-        self.delta(index, Delta { role: None, content: Some(text) }, None)
+    fn text(&mut self, index: u32, text: String, entry: Option<LogprobEntry>) -> SseEvent {
+        let delta = Delta { role: None, content: Some(text) };
+        let logprobs = entry.map(|e| logprobs::chat(std::slice::from_ref(&e)));
+        self.chunk(vec![ChatChunkChoice { index, delta, logprobs, finish_reason: None }], None)
     }
 
     fn finish(&self, index: u32, reason: FinishReason) -> SseEvent {

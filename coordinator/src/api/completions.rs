@@ -5,6 +5,7 @@
 use super::ApiState;
 use super::errors::{ApiError, Json};
 use super::generation::{self, Choice};
+use super::logprobs::{self, LogprobEntry};
 use super::openai::{Completion, CompletionChoice, GenerationRequest, Usage};
 use super::sse::{self, ChunkFormat, json_event};
 use super::validation::validate_completion;
@@ -12,6 +13,7 @@ use axum::extract::State;
 use axum::response::sse::Event as SseEvent;
 use axum::response::{IntoResponse, Response};
 use herd_worker::engine::stop::FinishReason;
+use std::collections::HashMap;
 use std::time::Instant;
 
 const OBJECT: &str = "text_completion";
@@ -27,7 +29,8 @@ pub(crate) async fn handle(
     let created = super::unix_time();
     let model = state.config().served_model_name.clone();
     if valid.stream {
-        let format = CompletionChunks { id, created, model, include_usage: valid.include_usage };
+        let format =
+            CompletionChunks { id, created, model, include_usage: valid.include_usage, offsets: HashMap::new() };
         return Ok(sse::response(choices, format, valid.include_usage));
     }
     let (collected, usage) = generation::collect(choices).await?;
@@ -35,8 +38,8 @@ pub(crate) async fn handle(
         .into_iter()
         .map(|c| CompletionChoice {
             index: c.index,
+            logprobs: (!c.logprobs.is_empty()).then(|| logprobs::completion(&c.logprobs, 0)),
             text: c.text,
-            logprobs: None,
             finish_reason: Some(c.finish_reason.as_str()),
         })
         .collect();
@@ -49,6 +52,8 @@ struct CompletionChunks {
     created: u64,
     model: String,
     include_usage: bool,
+    /// Per choice, the characters of logprob tokens sent so far (for `text_offset`).
+    offsets: HashMap<u32, usize>,
 }
 
 impl CompletionChunks {
@@ -74,8 +79,12 @@ impl ChunkFormat for CompletionChunks {
         Some(self.choice(choice.index, echo.clone(), None))
     }
 
-    fn text(&self, index: u32, text: String) -> SseEvent {
-        self.choice(index, text, None)
+    fn text(&mut self, index: u32, text: String, entry: Option<LogprobEntry>) -> SseEvent {
+        let Some(entry) = entry else { return self.choice(index, text, None) };
+        let offset = self.offsets.entry(index).or_insert(0);
+        let logprobs = logprobs::completion(std::slice::from_ref(&entry), *offset);
+        *offset += entry.token.chars().count();
+        self.chunk(vec![CompletionChoice { index, text, logprobs: Some(logprobs), finish_reason: None }], None)
     }
 
     fn finish(&self, index: u32, reason: FinishReason) -> SseEvent {

@@ -4,6 +4,7 @@
 
 use super::ApiState;
 use super::errors::ApiError;
+use super::logprobs::LogprobEntry;
 use super::metrics::RequestTracker;
 use super::openai::Usage;
 use super::service::EventStream;
@@ -11,7 +12,9 @@ use super::validation::ValidRequest;
 use futures::StreamExt;
 use herd_worker::engine::request::Event;
 use herd_worker::engine::stop::FinishReason;
+use herd_worker::frontend::Frontend;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// One generated sequence of a request.
@@ -26,13 +29,16 @@ pub(crate) struct Choice {
     events: EventStream,
     tracker: RequestTracker,
     ended: bool,
+    /// Names the tokens of logprobs.
+    frontend: Arc<Frontend>,
 }
 
 /// What happened next to a choice.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Update {
-    /// New text (possibly empty: a token whose text is held back).
-    Text(String),
+    /// New text (possibly empty: a token whose text is held back), and the token's logprobs
+    /// when the request asked for them.
+    Text(String, Option<LogprobEntry>),
     Finished {
         reason: FinishReason,
         prompt_tokens: usize,
@@ -55,9 +61,10 @@ impl Choice {
                 return Some(Update::Failed("the inference service dropped the request".into()));
             };
             match event {
-                Event::Token { text, .. } => {
+                Event::Token { text, token, logprobs, .. } => {
                     self.tracker.token();
-                    return Some(Update::Text(text));
+                    let entry = logprobs.map(|lp| LogprobEntry::new(&self.frontend, token, &lp));
+                    return Some(Update::Text(text, entry));
                 }
                 Event::Finished { reason, prompt_tokens, completion_tokens, .. } => {
                     let reason = reason.finish_reason();
@@ -97,7 +104,8 @@ pub(crate) async fn launch(state: &ApiState, valid: &ValidRequest, arrived: Inst
     }
     for (index, prompt, echo, events) in pending {
         let tracker = state.metrics().tracker(arrived);
-        choices.push(Choice { index, prompt, echo, events, tracker, ended: false });
+        let frontend = Arc::clone(state.frontend());
+        choices.push(Choice { index, prompt, echo, events, tracker, ended: false, frontend });
     }
     Ok(choices)
 }
@@ -108,6 +116,8 @@ pub(crate) struct Collected {
     pub index: u32,
     pub text: String,
     pub finish_reason: FinishReason,
+    /// Empty unless the request asked for logprobs.
+    pub logprobs: Vec<LogprobEntry>,
 }
 
 /// Read every choice to its end; the first failure drops (cancels) the others.
@@ -126,11 +136,15 @@ pub(crate) async fn collect(choices: Vec<Choice>) -> Result<(Vec<Collected>, Usa
 
 async fn collect_one(mut choice: Choice) -> Result<(Collected, usize, usize, usize), ApiError> {
     let mut text = choice.echo.take().unwrap_or_default();
+    let mut logprobs = Vec::new();
     while let Some(update) = choice.next().await {
         match update {
-            Update::Text(delta) => text.push_str(&delta),
+            Update::Text(delta, entry) => {
+                text.push_str(&delta);
+                logprobs.extend(entry);
+            }
             Update::Finished { reason, prompt_tokens, completion_tokens } => {
-                let collected = Collected { index: choice.index, text, finish_reason: reason };
+                let collected = Collected { index: choice.index, text, finish_reason: reason, logprobs };
                 return Ok((collected, choice.prompt, prompt_tokens, completion_tokens));
             }
             Update::Failed(error) => return Err(ApiError::aborted(&error)),

@@ -25,6 +25,7 @@ mod chat;
 mod completions;
 pub mod errors;
 mod generation;
+mod logprobs;
 pub mod metrics;
 pub mod openai;
 pub mod service;

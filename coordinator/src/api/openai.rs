@@ -88,7 +88,7 @@ pub struct ChatCompletion {
 pub struct ChatChoice {
     pub index: u32,
     pub message: ChatMessage,
-    /// Always null: logprobs are refused at validation.
+    /// Null unless the request asked for logprobs.
     pub logprobs: Option<Value>,
     pub finish_reason: &'static str,
 }

@@ -451,7 +451,7 @@ mod tests {
         let (sender, mut stream) = EventStream::channel(on_cancel);
         assert!(sender.admit());
         stream.admitted().await.expect("admitted");
-        assert!(sender.send(Event::Token { id: 1, token: 5, text: "a".into() }));
+        assert!(sender.send(Event::Token { id: 1, token: 5, text: "a".into(), logprobs: None }));
         assert!(matches!(stream.next().await, Some(Event::Token { .. })));
         assert!(!cancelled.load(Ordering::SeqCst));
         drop(stream);
@@ -465,7 +465,7 @@ mod tests {
         let (cancelled, on_cancel) = flagged();
         let (sender, mut stream) = EventStream::channel(on_cancel);
         // An event before any admission message implies admission and is not lost.
-        sender.send(Event::Token { id: 1, token: 5, text: "a".into() });
+        sender.send(Event::Token { id: 1, token: 5, text: "a".into(), logprobs: None });
         sender.send(finished());
         stream.admitted().await.expect("implied admission");
         assert_eq!(stream.by_ref().count().await, 2);

@@ -9,6 +9,7 @@
 
 use super::errors::ApiError;
 use super::generation::{Choice, Update, UsageCounter};
+use super::logprobs::LogprobEntry;
 use super::openai::Usage;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -23,7 +24,8 @@ use std::convert::Infallible;
 pub(crate) trait ChunkFormat: Send + 'static {
     /// Sent for each choice before its text (chat: the assistant role; completions: the echo).
     fn opening(&self, choice: &Choice) -> Option<SseEvent>;
-    fn text(&self, index: u32, text: String) -> SseEvent;
+    /// New text of a choice, with its token's logprobs when they were asked for.
+    fn text(&mut self, index: u32, text: String, logprobs: Option<LogprobEntry>) -> SseEvent;
     fn finish(&self, index: u32, reason: FinishReason) -> SseEvent;
     fn usage(&self, usage: Usage) -> SseEvent;
 }
@@ -87,9 +89,11 @@ impl<F: ChunkFormat> Chunks<F> {
                 return None;
             }
             match self.merged.next().await {
-                Some((index, _, Update::Text(text))) => {
-                    if !text.is_empty() {
-                        self.queue.push_back(self.format.text(index, text));
+                Some((index, _, Update::Text(text, logprobs))) => {
+                    // A held-back token still reports its logprobs.
+                    if !text.is_empty() || logprobs.is_some() {
+                        let event = self.format.text(index, text, logprobs);
+                        self.queue.push_back(event);
                     }
                 }
                 Some((index, prompt, Update::Finished { reason, prompt_tokens, completion_tokens })) => {

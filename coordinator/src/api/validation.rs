@@ -9,6 +9,7 @@
 use super::ApiConfig;
 use super::errors::ApiError;
 use super::openai::GenerationRequest;
+use herd_worker::engine::logprobs::MAX_TOP_LOGPROBS;
 use herd_worker::engine::sampler::{DEFAULT_MAX_TOKENS, SamplingParams};
 use herd_worker::frontend::Frontend;
 use herd_worker::model::config::GenerationConfig;
@@ -57,11 +58,9 @@ pub fn validate_chat(
     req: GenerationRequest,
 ) -> Result<ValidRequest, ApiError> {
     check_model(config, req.model.as_deref())?;
-    if req.logprobs_requested() || req.top_logprobs.is_some_and(|n| n > 0) {
-        return Err(ApiError::invalid(Some("logprobs"), "logprobs are not supported yet"));
-    }
     let n = check_n(config, req.n)?;
-    let base = base_params(&req, &frontend.generation)?;
+    let mut base = base_params(&req, &frontend.generation)?;
+    base.logprobs = chat_logprobs(&req)?;
     let messages = req.messages.as_ref().ok_or_else(|| ApiError::invalid(Some("messages"), "messages is required"))?;
     let messages = chat_messages(messages.clone())?;
     let template = frontend.chat_template.as_ref().ok_or_else(|| {
@@ -85,11 +84,9 @@ pub fn validate_completion(
     req: GenerationRequest,
 ) -> Result<ValidRequest, ApiError> {
     check_model(config, req.model.as_deref())?;
-    if req.logprobs_requested() {
-        return Err(ApiError::invalid(Some("logprobs"), "logprobs are not supported yet"));
-    }
     let n = check_n(config, req.n)?;
-    let base = base_params(&req, &frontend.generation)?;
+    let mut base = base_params(&req, &frontend.generation)?;
+    base.logprobs = completion_logprobs(&req)?;
     let prompt = req.prompt.clone().ok_or_else(|| ApiError::invalid(Some("prompt"), "prompt is required"))?;
     let raw = raw_prompts(prompt, frontend.config.text.vocab_size)?;
     if raw.len() > config.max_prompts {
@@ -144,10 +141,45 @@ impl GenerationRequest {
             None => self.max_tokens.map(|m| (m, "max_tokens")),
         }
     }
+}
 
-    fn logprobs_requested(&self) -> bool {
-        !matches!(self.logprobs, None | Some(Value::Null) | Some(Value::Bool(false)))
+/// Chat: `logprobs: true` asks for the chosen tokens' logprobs, `top_logprobs: N` (0–20) for N
+/// alternatives as well; `top_logprobs` without `logprobs` is a mistake, as in OpenAI's API.
+fn chat_logprobs(req: &GenerationRequest) -> Result<Option<u32>, ApiError> {
+    let wanted = match &req.logprobs {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+        Some(Value::Bool(true)) => true,
+        Some(_) => return Err(ApiError::invalid(Some("logprobs"), "logprobs must be a boolean")),
+    };
+    let top = match req.top_logprobs {
+        None => 0,
+        Some(n) if !(0..=i64::from(MAX_TOP_LOGPROBS)).contains(&n) => {
+            let msg = format!("top_logprobs must be between 0 and {MAX_TOP_LOGPROBS}, got {n}");
+            return Err(ApiError::invalid(Some("top_logprobs"), msg));
+        }
+        Some(_) if !wanted => {
+            return Err(ApiError::invalid(Some("top_logprobs"), "top_logprobs needs logprobs set to true"));
+        }
+        Some(n) => n as u32,
+    };
+    Ok(wanted.then_some(top))
+}
+
+/// Completions: `logprobs: N` (0–20) asks for the chosen tokens' logprobs and N alternatives.
+fn completion_logprobs(req: &GenerationRequest) -> Result<Option<u32>, ApiError> {
+    let n = match &req.logprobs {
+        None | Some(Value::Null) => return Ok(None),
+        Some(v) => v.as_i64().filter(|n| (0..=i64::from(MAX_TOP_LOGPROBS)).contains(n)).ok_or_else(|| {
+            let msg = format!("logprobs must be an integer between 0 and {MAX_TOP_LOGPROBS}");
+            ApiError::invalid(Some("logprobs"), msg)
+        })?,
+    };
+    if req.echo == Some(true) {
+        // Prompt logprobs would need the prompt's logits from the worker; refuse rather than
+        // answer with half of what OpenAI returns.
+        return Err(ApiError::invalid(Some("logprobs"), "logprobs together with echo are not supported"));
     }
+    Ok(Some(n as u32))
 }
 
 fn check_model(config: &ApiConfig, model: Option<&str>) -> Result<(), ApiError> {
@@ -207,6 +239,7 @@ fn base_params(f: &GenerationRequest, g: &GenerationConfig) -> Result<SamplingPa
         stop: stop_strings(f.stop.as_ref())?,
         stop_token_ids: f.stop_token_ids.clone().unwrap_or_default(),
         ignore_eos: f.ignore_eos.unwrap_or(false),
+        logprobs: None,
     })
 }
 

@@ -99,6 +99,7 @@ impl SamplingFlags {
             stop: self.stop.clone(),
             stop_token_ids: self.stop_token_id.clone(),
             ignore_eos: self.ignore_eos,
+            logprobs: None,
         }
     }
 }

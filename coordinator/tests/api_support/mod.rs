@@ -176,7 +176,7 @@ pub fn scripted_stream(events: Vec<Event>) -> EventStream {
 }
 
 pub fn token(text: &str) -> Event {
-    Event::Token { id: 0, token: 1, text: text.into() }
+    Event::Token { id: 0, token: 1, text: text.into(), logprobs: None }
 }
 
 /// Drain a stream to a vec (for service-level checks).

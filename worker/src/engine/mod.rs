@@ -2,9 +2,10 @@
 //!
 //! [`scheduler::Engine`] admits [`request::Request`]s under the [`kv_cache`] budget, runs one
 //! batched forward pass per step, and turns logits into tokens with each request's
-//! [`sampler`] and [`stop`] rules.
+//! [`sampler`] and [`stop`] rules; [`logprobs`] reports what the model thought of each token.
 
 pub mod kv_cache;
+pub mod logprobs;
 pub mod request;
 pub mod sampler;
 pub mod scheduler;

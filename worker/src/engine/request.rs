@@ -1,6 +1,7 @@
 //! What goes into the engine (requests) and what comes out (events), as plain serde values
 //! so the same types cross process boundaries on the control channel.
 
+use super::logprobs::TokenLogprobs;
 use super::sampler::{SamplingError, SamplingParams};
 use super::stop::StopReason;
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,13 @@ pub enum Event {
     PromptLogits { id: RequestId, argmax: Vec<u32>, last_logits: Vec<f32> },
     /// One generated token and the text that became final with it (possibly empty: text of
     /// an unfinished character or of a possible stop string is held back).
-    Token { id: RequestId, token: u32, text: String },
+    Token {
+        id: RequestId,
+        token: u32,
+        text: String,
+        /// Only for requests with `params.logprobs`.
+        logprobs: Option<TokenLogprobs>,
+    },
     /// The request ended normally; its blocks are free.
     Finished { id: RequestId, reason: StopReason, prompt_tokens: usize, completion_tokens: usize },
     /// The request ended without finishing: cancelled, or the engine failed.

@@ -32,6 +32,7 @@ use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 
+use super::logprobs::MAX_TOP_LOGPROBS;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -82,6 +83,9 @@ pub struct SamplingParams {
     pub stop_token_ids: Vec<u32>,
     /// Keep generating past the model's EOS ids (explicit `stop_token_ids` still stop).
     pub ignore_eos: bool,
+    /// Report each generated token's logprob and this many alternatives (at most
+    /// [`MAX_TOP_LOGPROBS`]); `None` reports nothing.
+    pub logprobs: Option<u32>,
 }
 
 impl Default for SamplingParams {
@@ -101,6 +105,7 @@ impl Default for SamplingParams {
             stop: Vec::new(),
             stop_token_ids: Vec::new(),
             ignore_eos: false,
+            logprobs: None,
         }
     }
 }
@@ -129,6 +134,8 @@ pub enum SamplingError {
     EmptyStopString { index: usize },
     #[error("stop[{index}] is {len} bytes long; at most {max} are allowed")]
     StopStringTooLong { index: usize, len: usize, max: usize },
+    #[error("top_logprobs must be at most {max}, got {got}")]
+    TopLogprobs { got: u32, max: u32 },
 }
 
 impl SamplingError {
@@ -143,6 +150,7 @@ impl SamplingError {
             Self::FrequencyPenalty(_) => "frequency_penalty",
             Self::MaxTokens => "max_tokens",
             Self::TooManyStopStrings { .. } | Self::EmptyStopString { .. } | Self::StopStringTooLong { .. } => "stop",
+            Self::TopLogprobs { .. } => "top_logprobs",
         }
     }
 }
@@ -178,6 +186,9 @@ impl SamplingParams {
         }
         if self.stop.len() > MAX_STOP_STRINGS {
             return Err(SamplingError::TooManyStopStrings { count: self.stop.len(), max: MAX_STOP_STRINGS });
+        }
+        if let Some(got) = self.logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(SamplingError::TopLogprobs { got, max: MAX_TOP_LOGPROBS });
         }
         for (index, s) in self.stop.iter().enumerate() {
             if s.is_empty() {

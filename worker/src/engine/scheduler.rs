@@ -13,6 +13,7 @@
 //! was in its batches.
 
 use super::kv_cache::{KvError, KvPool, SeqKv};
+use super::logprobs::token_logprobs;
 use super::request::{Event, Rejection, Request, RequestId};
 use super::sampler::Sampler;
 use super::stop::{StopChecker, StopReason};
@@ -273,8 +274,10 @@ impl Engine {
                     self.events.push(Event::PromptLogits { id: s.req.id, argmax, last_logits: last });
                 }
             }
-            let mut last = rows[rows.len() - vocab..].to_vec();
+            let raw = &rows[rows.len() - vocab..];
+            let mut last = raw.to_vec();
             let token = s.sampler.sample(&mut last);
+            let logprobs = s.req.params.logprobs.map(|top| token_logprobs(raw, token, top as usize));
             s.sampler.accept(token);
             s.last = Some(token);
             s.generated += 1;
@@ -284,7 +287,7 @@ impl Engine {
                 // A length stop can cut a multi-byte character; show what was decoded.
                 text.push_str(&s.detok.flush(&self.tokenizer).unwrap_or_default());
             }
-            self.events.push(Event::Token { id: s.req.id, token, text });
+            self.events.push(Event::Token { id: s.req.id, token, text, logprobs });
             if let Some(reason) = reason {
                 self.events.push(Event::Finished {
                     id: s.req.id,
