@@ -10,6 +10,7 @@ use herd_net::{Channel, FrameCodec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
@@ -25,10 +26,20 @@ fn codec() -> FrameCodec {
     FrameCodec::new(64 << 20)
 }
 
-/// The sending side: one queue and connection task per peer.
+/// The sending side: one queue and connection task per peer. Peers can be added while running
+/// (a coordinator that joins later), from the coordinator addresses in the cluster state.
 #[derive(Debug)]
 pub struct QuicRaftTransport {
-    queues: BTreeMap<u64, mpsc::UnboundedSender<WireMessage>>,
+    me: u64,
+    endpoint: quinn::Endpoint,
+    rt: tokio::runtime::Handle,
+    queues: Mutex<BTreeMap<u64, Peer>>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    addr: SocketAddr,
+    queue: mpsc::UnboundedSender<WireMessage>,
 }
 
 impl QuicRaftTransport {
@@ -39,20 +50,34 @@ impl QuicRaftTransport {
         endpoint: quinn::Endpoint,
         rt: &tokio::runtime::Handle,
     ) -> Self {
-        let mut queues = BTreeMap::new();
+        let transport = Self { me, endpoint, rt: rt.clone(), queues: Mutex::new(BTreeMap::new()) };
         for (id, addr) in peers {
-            let (tx, rx) = mpsc::unbounded_channel();
-            queues.insert(id, tx);
-            rt.spawn(sender(me, id, addr, endpoint.clone(), rx));
+            transport.set_peer(id, addr);
         }
-        Self { queues }
+        transport
+    }
+
+    /// Send to `id` at `addr` from now on: starts a sender for a new peer, or replaces the one
+    /// of a peer whose address changed (dropping its queue ends its old task).
+    pub fn set_peer(&self, id: u64, addr: SocketAddr) {
+        if id == self.me {
+            return;
+        }
+        let mut queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if queues.get(&id).is_some_and(|p| p.addr == addr) {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        queues.insert(id, Peer { addr, queue: tx });
+        self.rt.spawn(sender(self.me, id, addr, self.endpoint.clone(), rx));
     }
 }
 
 impl RaftTransport for QuicRaftTransport {
     fn send(&self, to: u64, msg: WireMessage) {
-        if let Some(q) = self.queues.get(&to) {
-            let _ = q.send(msg);
+        let queues = self.queues.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = queues.get(&to) {
+            let _ = p.queue.send(msg);
         }
     }
 }

@@ -25,6 +25,31 @@ enum AdminCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add a coordinator started with `herd coordinator --join` as a voting member.
+    AddCoordinator {
+        /// A member's admin address, e.g. http://127.0.0.1:8001.
+        #[arg(long)]
+        coordinator: String,
+        /// The new coordinator's admin address (its Raft, control and API addresses are read
+        /// from there).
+        #[arg(long)]
+        new: String,
+        /// The admin key, if the coordinators require one.
+        #[arg(long)]
+        admin_key: Option<String>,
+    },
+    /// Remove a coordinator from the voting members (stop its process afterwards).
+    RemoveCoordinator {
+        /// A member's admin address, e.g. http://127.0.0.1:8001.
+        #[arg(long)]
+        coordinator: String,
+        /// The id of the coordinator to remove.
+        #[arg(long)]
+        id: u64,
+        /// The admin key, if the coordinators require one.
+        #[arg(long)]
+        admin_key: Option<String>,
+    },
 }
 
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {
@@ -44,7 +69,33 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        AdminCommand::AddCoordinator { coordinator, new, admin_key } => {
+            let key = admin_key.as_deref();
+            let info = call("GET", &format!("{}/admin/self", new.trim_end_matches('/')), key, None)?;
+            let url = format!("{}/admin/coordinators", coordinator.trim_end_matches('/'));
+            let done = call("POST", &url, key, Some(&info.to_string()))?;
+            println!("added coordinator {}; voters now {}", done["added"], done["voters"]);
+            Ok(())
+        }
+        AdminCommand::RemoveCoordinator { coordinator, id, admin_key } => {
+            let url = format!("{}/admin/coordinators/{id}", coordinator.trim_end_matches('/'));
+            let done = call("DELETE", &url, admin_key.as_deref(), None)?;
+            println!("removed coordinator {id}; voters now {}", done["voters"]);
+            Ok(())
+        }
     }
+}
+
+/// One admin call whose answer is JSON; a non-2xx answer becomes an error with its message.
+fn call(method: &str, url: &str, key: Option<&str>, body: Option<&str>) -> anyhow::Result<Value> {
+    // Conf changes wait for a commit, which may include finding a leader.
+    let (status, text) = http::request(method, url, key, body, Duration::from_secs(30))?;
+    let value: Value = serde_json::from_str(&text).with_context(|| format!("{url} did not return JSON: {text}"))?;
+    if !(200..300).contains(&status) {
+        let msg = value["error"]["message"].as_str().unwrap_or(&text);
+        bail!("{url}: HTTP {status}: {msg}");
+    }
+    Ok(value)
 }
 
 fn print_table(v: &Value) {

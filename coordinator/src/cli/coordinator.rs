@@ -35,8 +35,14 @@ pub struct CoordinatorArgs {
     #[arg(long)]
     data_dir: PathBuf,
     /// Every founding coordinator's Raft address: `1=HOST:PORT,2=HOST:PORT,...` (this one included).
+    /// With --join: the current members' addresses.
     #[arg(long, value_delimiter = ',', value_parser = parse_peer)]
     peers: Vec<(u64, SocketAddr)>,
+    /// Join a running cluster instead of founding one. The node waits, without voting, until
+    /// an admin adds it (`herd admin add-coordinator`); only then does the leader send it the
+    /// state. Ignored once --data-dir holds Raft state.
+    #[arg(long)]
+    join: bool,
     /// Raft traffic (QUIC).
     #[arg(long)]
     raft_listen: SocketAddr,
@@ -104,7 +110,11 @@ fn parse_peer(s: &str) -> Result<(u64, SocketAddr), String> {
 pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.id > 0, "--id must be non-zero");
     let peers: BTreeMap<u64, SocketAddr> = args.peers.iter().copied().collect();
-    anyhow::ensure!(peers.contains_key(&args.id), "--peers must include this coordinator ({})", args.id);
+    if args.join {
+        anyhow::ensure!(!peers.is_empty(), "--join needs --peers with the current members' Raft addresses");
+    } else {
+        anyhow::ensure!(peers.contains_key(&args.id), "--peers must include this coordinator ({})", args.id);
+    }
     let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
     let frontend = Arc::new(Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
     let tls = TlsFiles::load(&args.tls_dir, &args.tls_name).context("loading TLS files")?;
@@ -133,22 +143,31 @@ async fn serve(
     // Raft over QUIC.
     let raft_endpoint = herd_net::quic::server_endpoint(args.raft_listen, &tls).context("binding --raft-listen")?;
     let others: BTreeMap<u64, SocketAddr> = peers.iter().filter(|(id, _)| **id != me).map(|(i, a)| (*i, *a)).collect();
-    let transport = QuicRaftTransport::start(me, others, raft_endpoint.clone(), &tokio::runtime::Handle::current());
-    let mut raft_config = RaftConfig::new(me, peers.keys().copied().collect(), args.data_dir.join("raft"));
+    let transport =
+        Arc::new(QuicRaftTransport::start(me, others, raft_endpoint.clone(), &tokio::runtime::Handle::current()));
+    let founders = if args.join { Vec::new() } else { peers.keys().copied().collect() };
+    let mut raft_config = RaftConfig::new(me, founders, args.data_dir.join("raft"));
     raft_config.tick = Duration::from_millis(args.raft_tick_ms);
     let (machine, mut applied) = ClusterMachine::new();
-    let (_node, raft) = RaftNode::spawn(raft_config, machine, transport).context("starting the raft node")?;
+    let (_node, raft) =
+        RaftNode::spawn(raft_config, machine, Arc::clone(&transport)).context("starting the raft node")?;
     tokio::spawn(raft_quic::serve(raft_endpoint, raft.mailbox()));
 
-    // Scheduler, fed with every applied state.
+    // Scheduler and Raft peer addresses, fed with every applied state (a coordinator added
+    // later becomes reachable once its address is in the log).
     let scheduler = Scheduler::new(me, args.step_timeout_ms);
     {
         let (raft, scheduler) = (raft.clone(), Arc::clone(&scheduler));
-        scheduler.set_state(&raft.read(|m| m.state().clone()));
+        let on_state = move |state: &herd_coordinator::cluster::ClusterState| {
+            scheduler.set_state(state);
+            for c in state.coordinators.values() {
+                transport.set_peer(c.id, c.raft_addr);
+            }
+        };
+        on_state(&raft.read(|m| m.state().clone()));
         tokio::spawn(async move {
             while applied.changed().await.is_ok() {
-                let state = raft.read(|m| m.state().clone());
-                scheduler.set_state(&state);
+                on_state(&raft.read(|m| m.state().clone()));
             }
         });
     }
@@ -177,7 +196,7 @@ async fn serve(
         admin_addr: args.admin_listen,
     };
     {
-        let raft = raft.clone();
+        let (raft, info) = (raft.clone(), info.clone());
         tokio::spawn(async move {
             loop {
                 match raft.propose(encode_command(&ClusterCommand::AddCoordinator(info.clone()))).await {
@@ -189,8 +208,12 @@ async fn serve(
     }
 
     // Admin API.
-    let admin_state =
-        AdminState { raft: raft.clone(), scheduler: Arc::clone(&scheduler), admin_key: args.admin_key.clone() };
+    let admin_state = AdminState {
+        raft: raft.clone(),
+        scheduler: Arc::clone(&scheduler),
+        admin_key: args.admin_key.clone(),
+        this: info.clone(),
+    };
     let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await.context("binding --admin-listen")?;
     tokio::spawn(async move {
         let _ = axum::serve(admin_listener, admin::router(admin_state)).await;

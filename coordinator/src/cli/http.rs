@@ -1,4 +1,4 @@
-//! A minimal HTTP/1.1 GET for the CLI's own checks (health polling, admin status), so the
+//! A minimal HTTP/1.1 client for the CLI's own calls (health polling, admin commands), so the
 //! binary needs no HTTP client library.
 
 use anyhow::{Context, bail};
@@ -8,6 +8,17 @@ use std::time::Duration;
 
 /// `GET url` → (status, body). Only `http://HOST:PORT/PATH`.
 pub fn get(url: &str, bearer: Option<&str>, timeout: Duration) -> anyhow::Result<(u16, String)> {
+    request("GET", url, bearer, None, timeout)
+}
+
+/// `METHOD url` with an optional JSON body → (status, body).
+pub fn request(
+    method: &str,
+    url: &str,
+    bearer: Option<&str>,
+    json_body: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<(u16, String)> {
     let rest = url.strip_prefix("http://").with_context(|| format!("{url}: only http:// URLs are supported"))?;
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
@@ -21,7 +32,13 @@ pub fn get(url: &str, bearer: Option<&str>, timeout: Duration) -> anyhow::Result
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let auth = bearer.map(|k| format!("Authorization: Bearer {k}\r\n")).unwrap_or_default();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n")?;
+    let body = json_body.unwrap_or("");
+    let content = if json_body.is_some() {
+        format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len())
+    } else {
+        String::new()
+    };
+    write!(stream, "{method} {path} HTTP/1.1\r\nHost: {host}\r\n{auth}{content}Connection: close\r\n\r\n{body}")?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).with_context(|| format!("reading the reply from {host}"))?;
     let text = String::from_utf8_lossy(&raw);
