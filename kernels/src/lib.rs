@@ -2,6 +2,10 @@
 //!
 //! Modules:
 //! - [`tensor`]: borrowed views of weight matrices in their stored dtype (f32, bf16, f16).
+//! - [`device`]: `cpu` / `cuda:N` and the check that a device is usable (always built; without
+//!   the `cuda` feature it refuses CUDA with a typed error).
+//! - [`cuda`] (feature `cuda`): the GPU kernels of `kernels/cuda/*.cu`, compiled at run time by
+//!   NVRTC for the device's exact architecture, and their launchers.
 //! - [`cpu`]: the CPU implementation of every op; it is also the specification that
 //!   other backends are tested against.
 //!   - [`cpu::matmul`]: `x·Wᵀ` (nn.Linear layout) and `x·W` (input-major expert layout),
@@ -19,6 +23,9 @@
 //! computed alone or alongside others, which is what lets a distributed run equal a local one.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 pub mod tensor;
 
 pub use tensor::{Elems, MatRef};

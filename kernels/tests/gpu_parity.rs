@@ -1,0 +1,242 @@
+//! GPU kernels against the CPU reference (the spec). Needs a CUDA device: on a machine without
+//! one every test prints `SKIPPED <name>: <why>` and returns, so a pass here means nothing was
+//! checked. scripts/gpu-check.sh runs this binary on a GPU machine and fails on any SKIPPED.
+//!
+//! Inputs are fresh random values each run (the seed is printed); outputs are poisoned (NaN /
+//! e4m3 NaN) before each launch so that an element the kernel forgot to write fails the check.
+#![cfg(feature = "cuda")]
+
+use herd_kernels::cpu::{norm, rope};
+use herd_kernels::cuda::fp8::{e4m3_to_f32, quantize_rows};
+use herd_kernels::cuda::{Gpu, moe, norm as gnorm};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn gpu_or_skip(test: &str) -> Option<Gpu> {
+    match Gpu::open(0, None) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            println!("SKIPPED {test}: {e}");
+            None
+        }
+    }
+}
+
+fn rng(test: &str) -> ChaCha8Rng {
+    let seed: u64 = rand::random();
+    println!("{test}: seed {seed}");
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+}
+
+/// |got - want| ≤ rel · |want| + abs, element-wise, with the worst offender in the message.
+fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let mut worst = (0usize, 0.0f32);
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let excess = (g - w).abs() - (rel * w.abs() + abs);
+        assert!(!g.is_nan(), "{what}[{i}] is NaN (never written?), want {w}");
+        if excess > worst.1 {
+            worst = (i, excess);
+        }
+    }
+    let i = worst.0;
+    assert!(worst.1 <= 0.0, "{what}[{i}] = {} want {} (rel {rel}, abs {abs})", got[i], want[i]);
+}
+
+#[test]
+fn gpu_quant_dispatch_matches_host_quantization() {
+    let Some(gpu) = gpu_or_skip("gpu_quant_dispatch_matches_host_quantization") else { return };
+    let mut r = rng("gpu_quant_dispatch");
+    let (tokens, hidden, routes) = (23, 5120, 40);
+    let x = randn(&mut r, tokens * hidden, 3.0);
+    let route_token: Vec<i32> = (0..routes).map(|_| r.random_range(0..tokens as i32)).collect();
+    let route_score: Vec<f32> = (0..routes).map(|_| r.random::<f32>()).collect();
+    let mut scaled = Vec::new();
+    for (&t, &s) in route_token.iter().zip(&route_score) {
+        scaled.extend(x[t as usize * hidden..(t as usize + 1) * hidden].iter().map(|v| v * s));
+    }
+    let (q_ref, s_ref) = quantize_rows(&scaled, hidden);
+
+    let (dx, dt, ds) = (
+        gpu.upload(&x).expect("cuda"),
+        gpu.upload(&route_token).expect("cuda"),
+        gpu.upload(&route_score).expect("cuda"),
+    );
+    let mut dq = gpu.upload(&vec![0x7fu8; routes * hidden]).expect("cuda");
+    let mut dsc = gpu.upload(&vec![f32::NAN; routes]).expect("cuda");
+    moe::quant_dispatch(&gpu, &dx, hidden, &dt, &ds, &mut dq, &mut dsc).expect("cuda");
+    let (q, s) = (gpu.download(&dq).expect("cuda"), gpu.download(&dsc).expect("cuda"));
+    assert_close("a_scale", &s, &s_ref, 0.0, 0.0);
+    // Same f32 operations and the same rounding: the bytes must agree exactly.
+    let diff = q.iter().zip(&q_ref).filter(|(a, b)| a != b).count();
+    assert_eq!(diff, 0, "{diff} of {} e4m3 bytes differ from the host conversion", q.len());
+}
+
+/// Random e4m3 operands with row scales: (bytes, scales).
+fn fp8_matrix(r: &mut ChaCha8Rng, rows: usize, cols: usize, groups: usize) -> (Vec<u8>, Vec<f32>) {
+    let x = randn(r, rows * cols, 1.0);
+    let (q, _) = quantize_rows(&x, cols);
+    let s: Vec<f32> = (0..rows * groups).map(|_| 0.01 + r.random::<f32>() * 0.02).collect();
+    (q, s)
+}
+
+/// f64 reference of the grouped GEMM before the weight scale: out[r][n] = Σ_g sa[r,g]·Σ_k A·W.
+#[allow(clippy::too_many_arguments)] // the GEMM's operands, as the kernel takes them
+fn gemm_ref(
+    a: &[u8],
+    sa: &[f32],
+    kgroups: usize,
+    w: &[u8],
+    sw: &[f32],
+    counts: &[usize],
+    n: usize,
+    k: usize,
+) -> Vec<f32> {
+    let rows: usize = counts.iter().sum();
+    let mut out = vec![0.0f32; rows * n];
+    let gk = k / kgroups;
+    let mut row = 0;
+    for (e, &c) in counts.iter().enumerate() {
+        for _ in 0..c {
+            for j in 0..n {
+                let wrow = &w[(e * n + j) * k..(e * n + j + 1) * k];
+                let mut acc = 0.0f64;
+                for g in 0..kgroups {
+                    let mut part = 0.0f64;
+                    for kk in g * gk..(g + 1) * gk {
+                        part += f64::from(e4m3_to_f32(a[row * k + kk])) * f64::from(e4m3_to_f32(wrow[kk]));
+                    }
+                    acc += part * f64::from(sa[row * kgroups + g]);
+                }
+                out[row * n + j] = (acc * f64::from(sw[e * n + j])) as f32;
+            }
+            row += 1;
+        }
+    }
+    out
+}
+
+#[test]
+fn gpu_grouped_gemm_down_matches_reference() {
+    let Some(gpu) = gpu_or_skip("gpu_grouped_gemm_down_matches_reference") else { return };
+    let mut r = rng("gpu_grouped_gemm_down");
+    // Empty experts, a single row, exactly one tile, one past a tile, several tiles.
+    let counts = [0usize, 1, 64, 65, 0, 130, 7];
+    let (n, k) = (256, 512);
+    for kgroups in [1, 4] {
+        let rows: usize = counts.iter().sum();
+        let (a, sa) = fp8_matrix(&mut r, rows, k, kgroups);
+        let (w, _) = fp8_matrix(&mut r, counts.len() * n, k, 1);
+        let sw: Vec<f32> = (0..counts.len() * n).map(|_| 0.5 + r.random::<f32>()).collect();
+        let want = gemm_ref(&a, &sa, kgroups, &w, &sw, &counts, n, k);
+
+        let experts = moe::Fp8Experts::upload(&gpu, &w, &sw, counts.len(), n, k).expect("cuda");
+        let groups = moe::Groups::from_counts(&gpu, &counts).expect("cuda");
+        let (da, dsa) = (gpu.upload(&a).expect("cuda"), gpu.upload(&sa).expect("cuda"));
+        let mut dy = gpu.upload(&vec![f32::NAN; rows * n]).expect("cuda");
+        moe::gemm(&gpu, &da, &dsa, kgroups, &experts, &groups, &mut dy).expect("cuda");
+        let got = gpu.download(&dy).expect("cuda");
+        // Products of e4m3 values are exact in f32; only the f32 summation order differs.
+        let mag = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert_close(&format!("y (kgroups {kgroups})"), &got, &want, 1e-4, 1e-5 * mag);
+    }
+}
+
+#[test]
+fn gpu_grouped_gemm_swiglu_requant_matches_reference() {
+    let Some(gpu) = gpu_or_skip("gpu_grouped_gemm_swiglu_requant_matches_reference") else { return };
+    let mut r = rng("gpu_grouped_gemm_swiglu");
+    let counts = [3usize, 0, 64, 100];
+    let (width, k) = (256, 320);
+    let rows: usize = counts.iter().sum();
+    let (a, sa) = fp8_matrix(&mut r, rows, k, 1);
+    let (w, _) = fp8_matrix(&mut r, counts.len() * 2 * width, k, 1);
+    let sw: Vec<f32> = (0..counts.len() * 2 * width).map(|_| 0.5 + r.random::<f32>()).collect();
+    let gu = gemm_ref(&a, &sa, 1, &w, &sw, &counts, 2 * width, k); // [rows, gate | up]
+    let mut h = vec![0.0f32; rows * width];
+    herd_kernels::cpu::activation::swiglu_fused(&gu, width, &mut h);
+
+    let experts = moe::Fp8Experts::upload(&gpu, &w, &sw, counts.len(), 2 * width, k).expect("cuda");
+    let groups = moe::Groups::from_counts(&gpu, &counts).expect("cuda");
+    let (da, dsa) = (gpu.upload(&a).expect("cuda"), gpu.upload(&sa).expect("cuda"));
+    let ng = width / moe::H_GROUP;
+    let mut dh = gpu.upload(&vec![0x7fu8; rows * width]).expect("cuda");
+    let mut dhs = gpu.upload(&vec![f32::NAN; rows * ng]).expect("cuda");
+    moe::gemm_swiglu(&gpu, &da, &dsa, 1, &experts, &groups, &mut dh, &mut dhs).expect("cuda");
+    let (hq, hs) = (gpu.download(&dh).expect("cuda"), gpu.download(&dhs).expect("cuda"));
+    let got: Vec<f32> = hq
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| e4m3_to_f32(b) * hs[(i / width) * ng + (i % width) / moe::H_GROUP])
+        .collect();
+    // Each group's scale is its absmax / 448, so the quantization error is at most half an e4m3
+    // step: 2^-4 relative for normals, 2^-10 · 448 · scale absolute for subnormals.
+    let want_scales: Vec<f32> =
+        h.chunks_exact(moe::H_GROUP).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 448.0).collect();
+    assert_close("h_scale", &hs, &want_scales, 1e-4, 0.0);
+    let max_scale = want_scales.iter().fold(0.0f32, |m, &v| m.max(v));
+    assert_close("h", &got, &h, 0.0625 + 1e-4, max_scale * 2f32.powi(-9));
+}
+
+#[test]
+fn gpu_combine_matches_cpu_sum() {
+    let Some(gpu) = gpu_or_skip("gpu_combine_matches_cpu_sum") else { return };
+    let mut r = rng("gpu_combine");
+    let (tokens, hidden, top_k, routes) = (9, 512, 2, 14);
+    let shared = randn(&mut r, tokens * hidden, 1.0);
+    let y = randn(&mut r, routes * hidden, 1.0);
+    let token_routes: Vec<i32> =
+        (0..tokens * top_k).map(|i| if i % 5 == 4 { -1 } else { r.random_range(0..routes as i32) }).collect();
+    let mut want = shared.clone();
+    for t in 0..tokens {
+        for j in 0..top_k {
+            let rt = token_routes[t * top_k + j];
+            if rt >= 0 {
+                for c in 0..hidden {
+                    want[t * hidden + c] += y[rt as usize * hidden + c];
+                }
+            }
+        }
+    }
+    let (ds, dy, dr) =
+        (gpu.upload(&shared).expect("cuda"), gpu.upload(&y).expect("cuda"), gpu.upload(&token_routes).expect("cuda"));
+    let mut dout = gpu.upload(&vec![f32::NAN; tokens * hidden]).expect("cuda");
+    moe::combine(&gpu, Some(&ds), &dy, &dr, &mut dout, hidden, top_k).expect("cuda");
+    // Same order of f32 additions as above: exact.
+    assert_close("combine", &gpu.download(&dout).expect("cuda"), &want, 0.0, 0.0);
+}
+
+#[test]
+fn gpu_rms_norm_and_rope_qk_norm_match_cpu() {
+    let Some(gpu) = gpu_or_skip("gpu_rms_norm_and_rope_qk_norm_match_cpu") else { return };
+    let mut r = rng("gpu_norm_rope");
+    let (tokens, hidden, heads, d, eps) = (5, 5120, 8, 128, 1e-5);
+    let x = randn(&mut r, tokens * hidden, 2.0);
+    let weight = randn(&mut r, hidden, 1.0);
+    let mut want = vec![0.0f32; x.len()];
+    norm::rms_norm(&x, hidden, Some(&weight), eps, &mut want);
+    let (dx, dw) = (gpu.upload(&x).expect("cuda"), gpu.upload(&weight).expect("cuda"));
+    let mut dout = gpu.upload(&vec![f32::NAN; x.len()]).expect("cuda");
+    gnorm::rms_norm(&gpu, &dx, Some(&dw), &mut dout, hidden, eps).expect("cuda");
+    assert_close("rms_norm", &gpu.download(&dout).expect("cuda"), &want, 1e-5, 1e-6);
+
+    let freqs = rope::RopeFreqs::new(d, 500000.0, None);
+    let positions: Vec<usize> = (0..tokens).map(|_| r.random_range(0..100_000)).collect();
+    let (cos, sin) = freqs.table(&positions);
+    for qk_norm in [false, true] {
+        let q = randn(&mut r, tokens * heads * d, 1.0);
+        let mut want = q.clone();
+        rope::apply_rope(&mut want, heads, d, &cos, &sin);
+        if qk_norm {
+            norm::rms_norm_in_place(&mut want, d, eps);
+        }
+        let mut dq = gpu.upload(&q).expect("cuda");
+        let (dc, dsn) = (gpu.upload(&cos).expect("cuda"), gpu.upload(&sin).expect("cuda"));
+        gnorm::rope_qk_norm(&gpu, &mut dq, Some((&dc, &dsn)), tokens, heads, d, qk_norm, eps).expect("cuda");
+        assert_close(&format!("rope (qk_norm {qk_norm})"), &gpu.download(&dq).expect("cuda"), &want, 1e-5, 1e-6);
+    }
+}
