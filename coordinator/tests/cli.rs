@@ -164,3 +164,37 @@ fn synth_refuses_a_non_empty_directory_without_force() {
     let err = expect_clean_error(&herd(&["synth", "--preset", "tiny", "--out", dir.path().to_str().expect("utf8")]));
     assert!(err.contains("--force"), "{err}");
 }
+
+#[test]
+fn device_cuda_without_a_usable_gpu_is_a_one_line_error_on_every_model_command() {
+    // This runs where CI runs: no GPU. A build without the feature must say so; a `cuda` build
+    // must name what is missing (driver library or device) instead of panicking in cudarc.
+    let model = golden_model();
+    let m = model.to_str().expect("utf8");
+    let commands: [&[&str]; 5] = [
+        &["generate", "--model", m, "--prompt", "x"],
+        &["eval", "--model", m, "--input", "/nonexistent.json", "--output", "/nonexistent-out.json"],
+        &["bench", "--model", m],
+        &["serve", "--model", m],
+        &["worker", "--model", m, "--rank", "0", "--world", "1"],
+    ];
+    for args in commands {
+        for device in ["cuda", "cuda:1"] {
+            let mut argv = args.to_vec();
+            argv.extend(["--device", device]);
+            let err = expect_clean_error(&herd(&argv));
+            assert!(
+                err.contains(&format!("--device {}", if device == "cuda" { "cuda:0" } else { device })),
+                "{argv:?}: {err}"
+            );
+            if cfg!(feature = "cuda") {
+                assert!(err.contains("libcuda.so not found") || err.contains("no CUDA device"), "{argv:?}: {err}");
+            } else {
+                assert!(err.contains("this herd was built without the `cuda` feature"), "{argv:?}: {err}");
+            }
+        }
+    }
+    let out = herd(&["generate", "--model", m, "--prompt", "x", "--device", "gpu"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use cpu, cuda or cuda:N"));
+}

@@ -92,6 +92,7 @@ struct BenchReport {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    super::device::check(args.engine.device)?; // before any model is loaded
     anyhow::ensure!(args.batch > 0 && args.prompt_tokens > 0, "--batch and --prompt-tokens must be positive");
     anyhow::ensure!(args.gen_tokens >= 2, "--gen-tokens must be at least 2 (decode is timed after the first token)");
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");

@@ -1,4 +1,5 @@
-//! Engine flags shared by every command that runs a model (`generate`, `eval`, `worker`).
+//! Engine flags shared by every command that runs a model (`generate`, `eval`, `bench`, `serve`,
+//! `worker`).
 
 use herd_worker::engine::kv_cache::DEFAULT_BLOCK_TOKENS;
 use herd_worker::engine::scheduler::EngineConfig;
@@ -18,10 +19,14 @@ pub struct EngineFlags {
     /// Most requests running at once.
     #[arg(long, default_value_t = 256)]
     pub max_running: usize,
+    /// Where the model runs: cpu, cuda or cuda:N (cuda needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: herd_kernels::device::Device,
 }
 
 impl EngineFlags {
     pub fn config(&self) -> anyhow::Result<EngineConfig> {
+        super::device::check(self.device)?;
         anyhow::ensure!(self.max_step_tokens > 0, "--max-step-tokens must be at least 1");
         anyhow::ensure!(self.max_running > 0, "--max-running must be at least 1");
         let kv_cache_bytes = match self.kv_cache_bytes {
@@ -52,6 +57,8 @@ impl EngineFlags {
             self.max_step_tokens.to_string(),
             "--max-running".into(),
             self.max_running.to_string(),
+            "--device".into(),
+            self.device.to_string(),
         ];
         if let Some(b) = self.kv_cache_bytes {
             args.extend(["--kv-cache-bytes".into(), b.to_string()]);

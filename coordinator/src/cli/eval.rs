@@ -60,6 +60,7 @@ struct PromptResult {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    super::device::check(args.engine.device)?; // before any model is loaded
     let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let input: Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", args.input.display()))?;

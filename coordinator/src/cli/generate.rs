@@ -105,6 +105,7 @@ impl SamplingFlags {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    super::device::check(args.engine.device)?; // before any model is loaded
     let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
     let load_started = Instant::now();
     let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;

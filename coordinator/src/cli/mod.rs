@@ -5,6 +5,7 @@ pub mod bench;
 pub mod ca;
 pub mod config_file;
 pub mod coordinator;
+pub mod device;
 pub mod engine_flags;
 pub mod eval;
 pub mod generate;

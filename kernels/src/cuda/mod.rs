@@ -21,6 +21,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+/// The bindings themselves, for tools (benches) that need events or raw driver calls.
+pub use cudarc;
 pub use cudarc::driver::{CudaSlice, LaunchConfig};
 
 /// One CUDA device with a stream and the kernels loaded so far.

@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""Baselines for scripts/gpu-check.sh (runs on the GPU machine, needs PyTorch with CUDA).
+
+1. Dense FP8 peak of this card: torch._scaled_mm on one large square-ish e4m3 GEMM.
+2. The per-expert torch._scaled_mm loop at Maverick's MoE shapes (hidden 5120, width 8192,
+   128 experts, top-1), uniform and skewed routing: gate_up ([n, 5120] x [5120, 16384]) and down
+   ([n, 8192] x [8192, 5120]) per active expert, per-row / per-column scales, bf16 output.
+Prints one JSON object per line.
+"""
+import argparse
+import json
+
+import torch
+
+HIDDEN, WIDTH, EXPERTS = 5120, 8192, 128
+
+
+def timed(fn, iters):
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def fp8(rows, cols):
+    return (torch.randn(rows, cols, device="cuda") * 0.5).to(torch.float8_e4m3fn)
+
+
+def mm(a, b_t, sa, sb):
+    # _scaled_mm wants b column-major: pass the [n, k] weight transposed.
+    return torch._scaled_mm(a, b_t.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", default="16,64,256,1024,4096,16384")
+    ap.add_argument("--iters", type=int, default=10)
+    a = ap.parse_args()
+    dev = torch.cuda.get_device_name()
+
+    m = n = k = 8192
+    x, w = fp8(m, k), fp8(n, k)
+    sa, sb = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+    ms = timed(lambda: mm(x, w, sa, sb), a.iters)
+    print(json.dumps({"bench": "dense_fp8_peak", "device": dev, "m": m, "n": n, "k": k, "ms": ms,
+                      "tflops": 2 * m * n * k / ms / 1e9}), flush=True)
+    del x, w
+
+    gu = fp8(2 * WIDTH, HIDDEN)  # one expert's weights, reused for every expert (timing only)
+    dn = fp8(HIDDEN, WIDTH)
+    gen = torch.Generator().manual_seed(7)
+    for tokens in [int(t) for t in a.tokens.split(",")]:
+        for routing in ("uniform", "skewed"):
+            experts = torch.randint(0, EXPERTS, (tokens,), generator=gen)
+            if routing == "skewed":
+                experts[::2] = torch.arange(0, tokens, 2) % 4
+            counts = torch.bincount(experts, minlength=EXPERTS).tolist()
+            xs = [fp8(c, HIDDEN) for c in counts if c > 0]
+            hs = [fp8(c, WIDTH) for c in counts if c > 0]
+            sas = [torch.ones(c, 1, device="cuda") for c in counts if c > 0]
+            s_gu, s_dn = torch.ones(1, 2 * WIDTH, device="cuda"), torch.ones(1, HIDDEN, device="cuda")
+
+            def loop():
+                for xe, he, se in zip(xs, hs, sas):
+                    mm(xe, gu, se, s_gu)
+                    mm(he, dn, se, s_dn)
+
+            ms = timed(loop, a.iters)
+            flops = 2 * tokens * (2 * WIDTH * HIDDEN + HIDDEN * WIDTH)
+            print(json.dumps({"bench": "scaled_mm_loop", "tokens": tokens, "routing": routing,
+                              "active_experts": len(xs), "total_ms": ms, "total_tflops": flops / ms / 1e9}),
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
