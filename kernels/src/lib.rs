@@ -5,10 +5,13 @@
 //! - [`cpu`]: the CPU implementation of every op; it is also the specification that
 //!   other backends are tested against.
 //!   - [`cpu::matmul`]: `x·Wᵀ` (nn.Linear layout) and `x·W` (input-major expert layout),
-//!     f32 activations, f32 accumulation, any weight dtype.
+//!     f32 activations, f32 accumulation, any weight dtype; its doc states the fixed
+//!     accumulation order. `matmul/avx2.rs` holds the register-tiled AVX2+FMA kernels,
+//!     `matmul/portable.rs` the fallback with the same order.
 //!   - [`cpu::norm`]: RMSNorm (with and without weight).
 //!   - [`cpu::rope`]: rotary embedding on interleaved pairs, llama3 frequency scaling.
-//!   - [`cpu::attention`]: causal / chunked-local attention with GQA over a KV history.
+//!   - [`cpu::attention`]: causal / chunked-local attention with GQA over a paged KV history,
+//!     in jobs of query-token blocks × one kv head's query group.
 //!   - [`cpu::activation`]: SiLU, SwiGLU, sigmoid, softmax, argmax, top-k.
 //!
 //! A model layer calls these in sequence: norm → matmul (q, k, v) → rope → attention →

@@ -9,6 +9,7 @@ pub mod engine_flags;
 pub mod eval;
 pub mod generate;
 pub mod http;
+pub mod membw;
 pub mod model_arg;
 pub mod serve;
 pub mod synth;
