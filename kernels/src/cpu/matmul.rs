@@ -26,6 +26,8 @@ pub fn matmul_t(x: &[f32], w: MatRef<'_>, out: &mut [f32]) {
         Elems::F32(ws) => dispatch_t(x, ws, m, n, k, out),
         Elems::Bf16(ws) => dispatch_t(x, ws, m, n, k, out),
         Elems::F16(ws) => dispatch_t(x, ws, m, n, k, out),
+        Elems::F8E4M3 { codes, scales, .. } => super::matmul_q::matmul_t_fp8(x, codes, scales, m, n, k, out),
+        Elems::Int4 { packed, scales, .. } => super::matmul_q::matmul_t_int4(x, packed, scales, m, n, k, out),
     }
 }
 
@@ -39,6 +41,8 @@ pub fn matmul(x: &[f32], w: MatRef<'_>, out: &mut [f32]) {
         Elems::F32(ws) => dispatch_kn(x, ws, m, n, k, out),
         Elems::Bf16(ws) => dispatch_kn(x, ws, m, n, k, out),
         Elems::F16(ws) => dispatch_kn(x, ws, m, n, k, out),
+        // Quantized scales belong to output rows of an output-major [n, k] matrix.
+        Elems::F8E4M3 { .. } | Elems::Int4 { .. } => panic!("matmul: quantized weights are [n, k]; use matmul_t"),
     }
 }
 

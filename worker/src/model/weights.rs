@@ -97,7 +97,7 @@ impl Weight {
 
     /// Bytes as held in memory (mapped or owned).
     pub fn bytes(&self) -> usize {
-        self.elems().len() * self.elems().elem_bytes()
+        self.elems().stored_bytes()
     }
 
     /// Whether the bytes are borrowed from the checkpoint map (no copy).
