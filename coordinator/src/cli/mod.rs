@@ -10,6 +10,7 @@ pub mod eval;
 pub mod generate;
 pub mod http;
 pub mod model_arg;
+pub mod quantize;
 pub mod serve;
 pub mod synth;
 pub mod sys;
