@@ -11,6 +11,7 @@ pub mod generate;
 pub mod http;
 pub mod membw;
 pub mod model_arg;
+pub mod quantize;
 pub mod serve;
 pub mod synth;
 pub mod sys;

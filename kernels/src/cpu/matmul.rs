@@ -50,6 +50,8 @@ pub fn matmul_t(x: &[f32], w: MatRef<'_>, out: &mut [f32]) {
         Elems::F32(ws) => split(Layout::NK, x, ws, m, n, k, out),
         Elems::Bf16(ws) => split(Layout::NK, x, ws, m, n, k, out),
         Elems::F16(ws) => split(Layout::NK, x, ws, m, n, k, out),
+        Elems::F8E4M3 { codes, scales, .. } => super::matmul_q::matmul_t_fp8(x, codes, scales, m, n, k, out),
+        Elems::Int4 { packed, scales, .. } => super::matmul_q::matmul_t_int4(x, packed, scales, m, n, k, out),
     }
 }
 
@@ -63,6 +65,8 @@ pub fn matmul(x: &[f32], w: MatRef<'_>, out: &mut [f32]) {
         Elems::F32(ws) => split(Layout::KN, x, ws, m, n, k, out),
         Elems::Bf16(ws) => split(Layout::KN, x, ws, m, n, k, out),
         Elems::F16(ws) => split(Layout::KN, x, ws, m, n, k, out),
+        // Quantized scales belong to output rows of an output-major [n, k] matrix.
+        Elems::F8E4M3 { .. } | Elems::Int4 { .. } => panic!("matmul: quantized weights are [n, k]; use matmul_t"),
     }
 }
 

@@ -109,3 +109,10 @@ impl Widen for f16 {
         unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>())) }
     }
 }
+
+/// `a * b + c`, fused when the kernel is compiled with FMA (the quantized kernels rely on
+/// the compiler to vectorise their lanes around it).
+#[inline(always)]
+pub(crate) fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA { a.mul_add(b, c) } else { a * b + c }
+}
