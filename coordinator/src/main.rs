@@ -32,6 +32,8 @@ enum Command {
     Bench(cli::bench::BenchArgs),
     /// Write a random-weight Llama 4 checkpoint (HF layout) for tests and benchmarks.
     Synth(cli::synth::SynthArgs),
+    /// Convert a float checkpoint's routed experts to FP8 or int4 (loads memory-mapped).
+    Quantize(cli::quantize::QuantizeArgs),
     /// Run a whole cluster on this host (coordinators + worker processes) behind one API.
     Serve(cli::serve::ServeArgs),
     /// Operator commands against a coordinator's admin API.
@@ -61,6 +63,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => cli::eval::run(args),
         Command::Bench(args) => cli::bench::run(args),
         Command::Synth(args) => cli::synth::run(args),
+        Command::Quantize(args) => cli::quantize::run(args),
         Command::Worker(args) => cli::worker::run(args),
         Command::Coordinator(args) => cli::coordinator::run(args),
         Command::Serve(args) => cli::serve::run(args),

@@ -1,7 +1,9 @@
 //! herd-kernels: the math of Llama 4 inference. No I/O, no async, no model knowledge.
 //!
 //! Modules:
-//! - [`tensor`]: borrowed views of weight matrices in their stored dtype (f32, bf16, f16).
+//! - [`tensor`]: borrowed views of weight matrices in their stored dtype (f32, bf16, f16,
+//!   FP8 e4m3 with per-row scales, int4 with group scales).
+//! - [`quant`]: the quantized formats: e4m3 encode/decode, FP8 and int4 row quantizers.
 //! - [`device`]: `cpu` / `cuda:N` and the check that a device is usable (always built; without
 //!   the `cuda` feature it refuses CUDA with a typed error).
 //! - [`cuda`] (feature `cuda`): the GPU kernels of `kernels/cuda/*.cu`, compiled at run time by
@@ -9,10 +11,14 @@
 //! - [`cpu`]: the CPU implementation of every op; it is also the specification that
 //!   other backends are tested against.
 //!   - [`cpu::matmul`]: `x·Wᵀ` (nn.Linear layout) and `x·W` (input-major expert layout),
-//!     f32 activations, f32 accumulation, any weight dtype.
+//!     f32 activations, f32 accumulation, any weight dtype; its doc states the fixed
+//!     accumulation order. `matmul/avx2.rs` holds the register-tiled AVX2+FMA kernels,
+//!     `matmul/portable.rs` the fallback with the same order; quantized `[n, k]` weights go
+//!     to the private `cpu::matmul_q` kernels (dequantize 16 elements at a time).
 //!   - [`cpu::norm`]: RMSNorm (with and without weight).
 //!   - [`cpu::rope`]: rotary embedding on interleaved pairs, llama3 frequency scaling.
-//!   - [`cpu::attention`]: causal / chunked-local attention with GQA over a KV history.
+//!   - [`cpu::attention`]: causal / chunked-local attention with GQA over a paged KV history,
+//!     in jobs of query-token blocks × one kv head's query group.
 //!   - [`cpu::activation`]: SiLU, SwiGLU, sigmoid, softmax, argmax, top-k.
 //!
 //! A model layer calls these in sequence: norm → matmul (q, k, v) → rope → attention →
@@ -26,6 +32,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
+pub mod quant;
 pub mod tensor;
 
 pub use tensor::{Elems, MatRef};

@@ -17,6 +17,8 @@
 //! - [`frontend`]: a checkpoint's config, tokenizer, chat template and generation defaults
 //!   (no weights), and loading the model from it.
 //! - [`placement`]: which workers hold each routed expert (a serde value the coordinator owns).
+//! - [`quantize`]: `herd quantize` — a float checkpoint's routed experts to FP8 or int4
+//!   per-expert tensors that load memory-mapped ([`model::quant_config`] names the schemes).
 //! - [`synth`]: random-weight checkpoints in the Hugging Face layout (presets tiny,
 //!   scout-mini, maverick-mini) so that nothing needs a download.
 //! - [`transport`]: the data plane's collectives (`all_to_all_v`, `barrier`): in-process and TCP (optional mTLS).
@@ -39,6 +41,7 @@ pub mod frontend;
 pub mod lockstep;
 pub mod model;
 pub mod placement;
+pub mod quantize;
 pub mod synth;
 pub mod tokenizer;
 pub mod transport;

@@ -3,9 +3,13 @@
 //!
 //! `--workers 0,2` compares the in-process engine with two worker processes over TCP on
 //! loopback; worker configurations also report their expert-parallel traffic per MoE layer.
+//!
+//! The report also places decode against the memory-bandwidth limit: the machine's read
+//! bandwidth (measured in the same run, after the model runs so that its buffer does not
+//! count in their peak RSS) over the weight bytes one decoded token reads.
 
 use super::engine_flags::{ClusterFlags, EngineFlags, make_backend};
-use super::{model_arg, sys};
+use super::{membw, model_arg, sys};
 use anyhow::{Context, bail};
 use herd_coordinator::backend::Backend;
 use herd_worker::control::WorkerStats;
@@ -86,6 +90,19 @@ struct BenchReport {
     prompt_tokens: usize,
     gen_tokens: usize,
     threads: usize,
+    /// The first configuration's medians (the headline numbers).
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    peak_rss_bytes: u64,
+    /// Best multi-threaded read pass over a 1 GiB buffer, bytes/s.
+    bandwidth_bytes_per_s: f64,
+    /// Weight bytes held by the whole model.
+    weight_bytes: usize,
+    /// Weight bytes one decoded token reads: attention, dense or shared MLP, router and
+    /// top-k routed experts of every layer, lm_head, one embedding row.
+    active_bytes_per_token: usize,
+    /// `decode_tokens_per_s / (bandwidth_bytes_per_s / active_bytes_per_token)`.
+    decode_limit_ratio: f64,
     configs: Vec<ConfigReport>,
     /// Decode step time of each configuration over the first one's.
     decode_step_ratio: Vec<f64>,
@@ -122,7 +139,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let stats = backend.close();
         configs.push(summarise(workers, runs, &stats, &args));
     }
+    // Mapping the model again costs no memory for weights stored in the compute dtype (it
+    // only maps them); it is done after the peak RSS was read in any case.
+    let model = frontend.load_model(args.dtype, None).context("loading the model to count its bytes")?;
+    let (weight_bytes, active_bytes_per_token) = (model.weight_bytes(), model.active_bytes_per_token());
+    drop(model);
+    let bandwidth_bytes_per_s = membw::measure();
     let base = configs[0].decode_step_ms;
+    let (first_prefill, first_decode) = (configs[0].prefill_tokens_per_s, configs[0].decode_tokens_per_s);
+    let limit_tokens_per_s = bandwidth_bytes_per_s / active_bytes_per_token.max(1) as f64;
     let report = BenchReport {
         model: args.model.clone(),
         dtype: args.dtype.to_string(),
@@ -130,6 +155,13 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         threads: rayon::current_num_threads(),
+        prefill_tokens_per_s: first_prefill,
+        decode_tokens_per_s: first_decode,
+        peak_rss_bytes: configs[0].peak_rss_bytes,
+        bandwidth_bytes_per_s,
+        weight_bytes,
+        active_bytes_per_token,
+        decode_limit_ratio: first_decode / limit_tokens_per_s,
         decode_step_ratio: configs.iter().map(|c| c.decode_step_ms / base).collect(),
         configs,
     };
@@ -238,6 +270,16 @@ fn print_report(r: &BenchReport) {
             sys::format_bytes(c.peak_rss_bytes)
         );
     }
+    let limit = r.bandwidth_bytes_per_s / r.active_bytes_per_token.max(1) as f64;
+    println!(
+        "memory bandwidth {:.2} GB/s; weights {} ({} read per decoded token) → limit {:.1} tok/s; \
+         decode at {:.1}% of it",
+        r.bandwidth_bytes_per_s / 1e9,
+        sys::format_bytes(r.weight_bytes as u64),
+        sys::format_bytes(r.active_bytes_per_token as u64),
+        limit,
+        100.0 * r.decode_limit_ratio
+    );
     for c in r.configs.iter().filter(|c| !c.moe_layers.is_empty()) {
         println!("all-to-all per MoE layer, {} workers (mean per worker, over all steps incl. prefill):", c.workers);
         for l in &c.moe_layers {

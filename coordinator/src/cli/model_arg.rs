@@ -38,7 +38,7 @@ pub fn resolve(model: &str, cache: Option<&Path>) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     let tmp = parent.join(format!(".{}-seed0.tmp-{}", preset.name(), std::process::id()));
     eprintln!("[herd] synthesising preset {} into {} (first use only)", preset.name(), dir.display());
-    let opts = SynthOptions { preset, seed: 0, dtype: SynthDtype::Bf16 };
+    let opts = SynthOptions { preset, seed: 0, dtype: SynthDtype::Bf16, format: Default::default() };
     synth::write_checkpoint(&opts, &tmp)
         .with_context(|| format!("synthesising {} into {}", preset.name(), tmp.display()))?;
     match std::fs::rename(&tmp, &dir) {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use herd_worker::synth::{self, Preset, SynthDtype, SynthOptions};
+use herd_worker::synth::{self, Preset, SynthDtype, SynthFormat, SynthOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct SynthArgs {
@@ -25,6 +25,10 @@ pub struct SynthArgs {
     /// Weight dtype: bf16 or f32.
     #[arg(long, default_value_t = SynthDtype::Bf16)]
     pub dtype: SynthDtype,
+    /// Expert layout: hf (fused experts in DTYPE) or fp8 (Meta's FP8 release: per-expert
+    /// F8_E4M3 weights with per-channel scales; the other tensors in DTYPE).
+    #[arg(long, default_value_t = SynthFormat::Hf)]
+    pub format: SynthFormat,
     /// Write into OUT even if it is not empty (files with the same names are replaced).
     #[arg(long)]
     pub force: bool,
@@ -34,14 +38,15 @@ pub fn run(args: SynthArgs) -> anyhow::Result<()> {
     if !args.force && is_non_empty_dir(&args.out)? {
         bail!("{} is not empty; pass --force to write into it anyway", args.out.display());
     }
-    let opts = SynthOptions { preset: args.preset, seed: args.seed, dtype: args.dtype };
+    let opts = SynthOptions { preset: args.preset, seed: args.seed, dtype: args.dtype, format: args.format };
     let started = Instant::now();
     let summary = synth::write_checkpoint(&opts, &args.out)
         .with_context(|| format!("writing the {} checkpoint to {}", args.preset, args.out.display()))?;
     println!(
-        "wrote {} ({}, seed {}) to {}: {} parameters, {} tensors, {} in {:.1} s",
+        "wrote {} ({}, {} experts, seed {}) to {}: {} parameters, {} tensors, {} in {:.1} s",
         args.preset,
         args.dtype,
+        args.format,
         args.seed,
         args.out.display(),
         format_count(summary.parameters),
@@ -113,6 +118,7 @@ mod tests {
             out: dir.path().to_path_buf(),
             seed: 0,
             dtype: SynthDtype::Bf16,
+            format: SynthFormat::Hf,
             force: false,
         };
         let err = run(args).expect_err("must refuse");
@@ -124,7 +130,14 @@ mod tests {
     fn writes_tiny_into_a_missing_directory() {
         let dir = tempfile::tempdir().expect("tempdir");
         let out = dir.path().join("tiny");
-        let args = SynthArgs { preset: Preset::Tiny, out: out.clone(), seed: 0, dtype: SynthDtype::Bf16, force: false };
+        let args = SynthArgs {
+            preset: Preset::Tiny,
+            out: out.clone(),
+            seed: 0,
+            dtype: SynthDtype::Bf16,
+            format: SynthFormat::Hf,
+            force: false,
+        };
         run(args).expect("synth");
         assert!(out.join("model.safetensors").is_file());
         assert!(out.join("config.json").is_file());

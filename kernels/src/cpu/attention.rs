@@ -68,9 +68,19 @@ impl<'a> KvHistory<'a> {
     }
 }
 
+/// Query tokens per attention job: with the `q_heads / kv_heads` heads that share a kv head,
+/// a job's queries (8 tokens × 4 heads × 128 × 4 bytes = 16 KiB) stay in L1 while every key
+/// and value row they see is loaded once for all of them.
+const QUERY_BLOCK: usize = 8;
+
 /// `out[t, h] = softmax(q[t, h] · Kᵀ · scale + mask) · V` for each query token `t` at
 /// absolute position `positions[t]`. `q` and `out` are `[tokens, q_heads, head_dim]`.
 /// Query head `h` reads kv head `h / (q_heads / kv_heads)` (repeat-interleave order).
+///
+/// Each query's result is computed by the same operations in the same order (scores in key
+/// order, max, exponentials and their sum in key order, weighted values in key order)
+/// whatever other queries share the call, so a token's attention output does not depend on
+/// how a prompt is chunked or batched.
 pub fn attention(
     q: &[f32],
     positions: &[usize],
@@ -84,58 +94,139 @@ pub fn attention(
     assert!(kv_heads > 0 && q_heads % kv_heads == 0, "{q_heads} query heads do not group over {kv_heads} kv heads");
     assert_eq!(q.len(), positions.len() * q_heads * d);
     assert_eq!(out.len(), q.len());
-    let row = kv_heads * d;
     assert_eq!(kv.keys.len(), kv.values.len());
-    let len = kv.len;
-    let group = q_heads / kv_heads;
-    let job = |scores: &mut Vec<f32>, idx: usize, o: &mut [f32]| {
-        let (t, h) = (idx / q_heads, idx % q_heads);
-        let p = positions[t];
+    for &p in positions {
         assert!(
-            p >= kv.first_pos && p - kv.first_pos < len,
+            p >= kv.first_pos && p - kv.first_pos < kv.len,
             "query position {p} outside the key history [{}, {})",
             kv.first_pos,
-            kv.first_pos + len
+            kv.first_pos + kv.len
         );
-        let lo = mask.first_key(p).max(kv.first_pos);
-        let g = h / group;
-        let qv = &q[idx * d..(idx + 1) * d];
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for pos in lo..=p {
-            let r = kv.row_offset(pos, row) + g * d;
-            let s = dot(qv, &kv.keys[r..r + d]) * scale;
-            max = max.max(s);
-            scores.push(s);
+    }
+    let tokens = positions.len();
+    let group = q_heads / kv_heads;
+    // Jobs: (block of query tokens, kv head); each returns `[block tokens, group, head_dim]`.
+    let jobs = tokens.div_ceil(QUERY_BLOCK) * kv_heads;
+    let job = |j: usize| {
+        let (b, g) = (j / kv_heads, j % kv_heads);
+        let t0 = b * QUERY_BLOCK;
+        let t1 = (t0 + QUERY_BLOCK).min(tokens);
+        let spec = Job { q, positions, kv, heads, scale, mask, g, t0, t1 };
+        let mut o = vec![0.0f32; (t1 - t0) * group * d];
+        run_job(&spec, &mut o);
+        o
+    };
+    let work = tokens * q_heads * d * kv.len;
+    let results: Vec<Vec<f32>> = if work < (1 << 15) || jobs == 1 {
+        (0..jobs).map(job).collect()
+    } else {
+        (0..jobs).into_par_iter().map(job).collect()
+    };
+    for (j, o) in results.iter().enumerate() {
+        let (b, g) = (j / kv_heads, j % kv_heads);
+        for (i, rows) in o.chunks_exact(group * d).enumerate() {
+            let t = b * QUERY_BLOCK + i;
+            out[(t * q_heads + g * group) * d..][..group * d].copy_from_slice(rows);
         }
-        let mut sum = 0.0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+    }
+}
+
+/// One attention job: query tokens `[t0, t1)` × the query heads of kv head `g`.
+struct Job<'a> {
+    q: &'a [f32],
+    positions: &'a [usize],
+    kv: KvHistory<'a>,
+    heads: AttnHeads,
+    scale: f32,
+    mask: AttnMask,
+    g: usize,
+    t0: usize,
+    t1: usize,
+}
+
+fn run_job(job: &Job<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(super::simd::isa(), super::simd::Isa::Avx2Fma | super::simd::Isa::Avx512) {
+        // SAFETY: AVX2 was detected at run time. The body has no fused multiply-adds (Rust
+        // never contracts `a * b + c`), so it computes the same bits as the portable build.
+        return unsafe { run_job_avx2(job, out) };
+    }
+    run_job_body(job, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn run_job_avx2(job: &Job<'_>, out: &mut [f32]) {
+    run_job_body(job, out)
+}
+
+/// `out`: `[t1 - t0, group, head_dim]`.
+#[inline(always)]
+fn run_job_body(job: &Job<'_>, out: &mut [f32]) {
+    let Job { q, positions, kv, heads, scale, mask, g, t0, t1 } = *job;
+    let AttnHeads { q_heads, kv_heads, head_dim: d } = heads;
+    let group = q_heads / kv_heads;
+    let row = kv_heads * d;
+    // Query `i` of the job is token t0 + i / group, head g·group + i % group; it sees keys
+    // lo[i]..=hi[i], and its scores live at scores[off[i]..off[i + 1]].
+    let nq = (t1 - t0) * group;
+    let mut lo = Vec::with_capacity(nq);
+    let mut hi = Vec::with_capacity(nq);
+    let mut off = Vec::with_capacity(nq + 1);
+    off.push(0);
+    for &p in &positions[t0..t1] {
+        let l = mask.first_key(p).max(kv.first_pos);
+        for _ in 0..group {
+            lo.push(l);
+            hi.push(p);
+            off.push(off.last().copied().unwrap_or(0) + p + 1 - l);
         }
-        o.fill(0.0);
-        for (i, pos) in (lo..=p).enumerate() {
-            let r = kv.row_offset(pos, row) + g * d;
-            let w = scores[i] / sum;
-            let vv = &kv.values[r..r + d];
-            for (a, &b) in o.iter_mut().zip(vv) {
-                *a += w * b;
+    }
+    let qv = |i: usize| {
+        let (t, h) = (t0 + i / group, g * group + i % group);
+        &q[(t * q_heads + h) * d..][..d]
+    };
+    let first = lo.iter().copied().min().unwrap_or(0);
+    let last = hi.iter().copied().max().unwrap_or(0);
+    let mut scores = vec![0.0f32; off[nq]];
+    let mut max = vec![f32::NEG_INFINITY; nq];
+    // Pass 1: every key row once, against every query of the job that sees it.
+    for pos in first..=last {
+        let r = kv.row_offset(pos, row) + g * d;
+        let key = &kv.keys[r..r + d];
+        for i in 0..nq {
+            if pos >= lo[i] && pos <= hi[i] {
+                let s = dot(qv(i), key) * scale;
+                max[i] = max[i].max(s);
+                scores[off[i] + pos - lo[i]] = s;
             }
         }
-    };
-    let work = positions.len() * q_heads * d * len;
-    if work < (1 << 15) {
-        let mut scores = Vec::new();
-        for (idx, o) in out.chunks_exact_mut(d).enumerate() {
-            job(&mut scores, idx, o);
+    }
+    let mut sum = vec![0.0f32; nq];
+    for i in 0..nq {
+        for s in scores[off[i]..off[i + 1]].iter_mut() {
+            *s = (*s - max[i]).exp();
+            sum[i] += *s;
         }
-    } else {
-        out.par_chunks_exact_mut(d).enumerate().for_each_init(Vec::new, |scores, (idx, o)| job(scores, idx, o));
+    }
+    // Pass 2: every value row once, weighted into every query that sees it.
+    out.fill(0.0);
+    for pos in first..=last {
+        let r = kv.row_offset(pos, row) + g * d;
+        let value = &kv.values[r..r + d];
+        for (i, o) in out.chunks_exact_mut(d).enumerate() {
+            if pos >= lo[i] && pos <= hi[i] {
+                let w = scores[off[i] + pos - lo[i]] / sum[i];
+                for (a, &b) in o.iter_mut().zip(value) {
+                    *a += w * b;
+                }
+            }
+        }
     }
 }
 
 /// Dot product with eight interleaved partial sums (fixed order).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ac, at) = a.as_chunks::<8>();
@@ -198,6 +289,33 @@ mod tests {
             let want = reference(&q, &pos, &k, &v, h, 0.3, mask);
             for (g, w) in out.iter().zip(&want) {
                 assert!((*g as f64 - w).abs() < 1e-5, "{mask:?}: {g} vs {w}");
+            }
+        }
+    }
+
+    /// A query's output has the same bits alone as in a prompt-sized batch (the batch
+    /// spans several query blocks and both threads).
+    #[test]
+    fn a_query_gives_identical_bits_in_any_batch() {
+        let h = AttnHeads { q_heads: 8, kv_heads: 2, head_dim: 20 };
+        let len = 70;
+        let f = |i: usize| ((i * 7919) % 211) as f32 / 105.0 - 1.0;
+        let k: Vec<f32> = (0..len * 40).map(f).collect();
+        let v: Vec<f32> = (0..len * 40).map(|i| f(i + 5)).collect();
+        let pos: Vec<usize> = (0..len).collect();
+        let q: Vec<f32> = (0..len * 160).map(|i| f(i + 17)).collect();
+        for mask in [AttnMask::Causal, AttnMask::Chunked { chunk: 16 }] {
+            let kv = KvHistory::contiguous(&k, &v, 40, 0);
+            let mut all = vec![0.0; q.len()];
+            attention(&q, &pos, kv, h, 0.2, mask, &mut all);
+            let want = reference(&q, &pos, &k, &v, h, 0.2, mask);
+            for (g, w) in all.iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < 1e-5, "{mask:?}: {g} vs {w}");
+            }
+            for t in [0, 9, 33, 69] {
+                let mut one = vec![0.0; 160];
+                attention(&q[t * 160..(t + 1) * 160], &[t], kv, h, 0.2, mask, &mut one);
+                assert_eq!(one, all[t * 160..(t + 1) * 160], "{mask:?} token {t}");
             }
         }
     }

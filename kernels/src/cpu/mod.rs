@@ -3,6 +3,7 @@
 pub mod activation;
 pub mod attention;
 pub mod matmul;
+mod matmul_q;
 pub mod norm;
 pub mod rope;
 

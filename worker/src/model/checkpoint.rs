@@ -39,6 +39,10 @@ pub enum StoredDtype {
     F32,
     Bf16,
     F16,
+    /// FP8 e4m3fn codes (quantized routed experts).
+    F8E4M3,
+    /// Raw bytes (herd's packed int4 experts).
+    U8,
     /// Any other safetensors dtype, kept for error messages.
     Other(Dtype),
 }
@@ -49,6 +53,8 @@ impl StoredDtype {
             "F32" => StoredDtype::F32,
             "BF16" => StoredDtype::Bf16,
             "F16" => StoredDtype::F16,
+            "F8_E4M3" => StoredDtype::F8E4M3,
+            "U8" => StoredDtype::U8,
             other => StoredDtype::Other(serde_json::from_value(serde_json::Value::String(other.to_owned())).ok()?),
         })
     }
@@ -57,6 +63,7 @@ impl StoredDtype {
         match self {
             StoredDtype::F32 => 4,
             StoredDtype::Bf16 | StoredDtype::F16 => 2,
+            StoredDtype::F8E4M3 | StoredDtype::U8 => 1,
             StoredDtype::Other(d) => d.bitsize().div_ceil(8),
         }
     }
@@ -68,6 +75,8 @@ impl std::fmt::Display for StoredDtype {
             StoredDtype::F32 => f.write_str("F32"),
             StoredDtype::Bf16 => f.write_str("BF16"),
             StoredDtype::F16 => f.write_str("F16"),
+            StoredDtype::F8E4M3 => f.write_str("F8_E4M3"),
+            StoredDtype::U8 => f.write_str("U8"),
             StoredDtype::Other(d) => write!(f, "{d:?}"),
         }
     }

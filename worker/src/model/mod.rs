@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod mlp;
 pub mod moe;
+pub mod quant_config;
 pub mod text;
 pub mod weights;
 
@@ -24,7 +25,9 @@ pub enum ModelError {
     MissingTensor { name: String, dir: PathBuf },
     #[error("tensor {name} has shape {found:?}, expected {expected:?}")]
     ShapeMismatch { name: String, expected: Vec<usize>, found: Vec<usize> },
-    #[error("tensor {name} has dtype {dtype}; herd loads F32, BF16 and F16 weights")]
+    #[error(
+        "tensor {name} has dtype {dtype}; herd loads F32, BF16 and F16 weights (F8_E4M3 / int4 for routed experts)"
+    )]
     UnsupportedDtype { name: String, dtype: String },
     #[error("token id {id} is outside the vocabulary of {vocab} ids")]
     TokenOutOfRange { id: u32, vocab: usize },

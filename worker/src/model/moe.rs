@@ -87,11 +87,63 @@ pub fn accumulate(routed: &mut [f32], tokens: impl Iterator<Item = usize>, rows:
     }
 }
 
-/// One routed expert's weights.
+/// One routed expert's weights, in one of the two checkpoint layouts.
 #[derive(Debug)]
-struct Expert {
-    gate_up: Weight, // [hidden, 2·width], input-major, gate columns first
-    down: Weight,    // [width, hidden], input-major
+enum Expert {
+    /// Slices of HF's fused `experts.gate_up_proj` / `experts.down_proj`.
+    Fused {
+        gate_up: Weight, // [hidden, 2·width], input-major, gate columns first
+        down: Weight,    // [width, hidden], input-major
+    },
+    /// Per-expert nn.Linear modules `experts.{e}.{gate,up,down}_proj` (Meta's FP8 release and
+    /// `herd quantize` output; float, FP8 or int4).
+    Linear {
+        gate: Weight, // [width, hidden]
+        up: Weight,   // [width, hidden]
+        down: Weight, // [hidden, width]
+    },
+}
+
+impl Expert {
+    fn load(w: &WeightLoader<'_>, prefix: &str, shape: ExpertShape, e: usize) -> Result<Self, ModelError> {
+        let ExpertShape { experts, hidden, width, per_expert } = shape;
+        Ok(if per_expert {
+            let p = format!("{prefix}.experts.{e}");
+            Expert::Linear {
+                gate: w.linear(&format!("{p}.gate_proj"), width, hidden)?,
+                up: w.linear(&format!("{p}.up_proj"), width, hidden)?,
+                down: w.linear(&format!("{p}.down_proj"), hidden, width)?,
+            }
+        } else {
+            Expert::Fused {
+                gate_up: w.slice3(&format!("{prefix}.experts.gate_up_proj"), [experts, hidden, 2 * width], e)?,
+                down: w.slice3(&format!("{prefix}.experts.down_proj"), [experts, width, hidden], e)?,
+            }
+        })
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Expert::Fused { gate_up, down } => gate_up.bytes() + down.bytes(),
+            Expert::Linear { gate, up, down } => gate.bytes() + up.bytes() + down.bytes(),
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct ExpertShape {
+    experts: usize,
+    hidden: usize,
+    width: usize,
+    /// Per-expert nn.Linear tensors rather than fused ones.
+    per_expert: bool,
+}
+
+/// Whether the experts of the MoE block `prefix` are stored as per-expert nn.Linear modules.
+fn per_expert_layout(w: &WeightLoader<'_>, prefix: &str) -> bool {
+    let ckpt = w.checkpoint();
+    let p = format!("{prefix}.experts.0.gate_proj");
+    ckpt.contains(&format!("{p}.weight")) || ckpt.contains(&format!("{p}.weight_packed"))
 }
 
 #[derive(Debug)]
@@ -117,7 +169,8 @@ pub enum ExpertSubset<'a> {
 
 impl MoeBlock {
     /// Load `{prefix}.router.weight`, the shared expert, and the routed experts in `subset`
-    /// (slices of `{prefix}.experts.{gate_up_proj,down_proj}`; only their bytes are mapped).
+    /// (slices of `{prefix}.experts.{gate_up_proj,down_proj}`, or the per-expert modules
+    /// `{prefix}.experts.{e}.{gate,up,down}_proj`; only their bytes are mapped).
     #[allow(clippy::too_many_arguments)]
     pub fn load(
         w: &WeightLoader<'_>,
@@ -128,8 +181,7 @@ impl MoeBlock {
         top_k: usize,
         subset: ExpertSubset<'_>,
     ) -> Result<Self, ModelError> {
-        let gate_up_name = format!("{prefix}.experts.gate_up_proj");
-        let down_name = format!("{prefix}.experts.down_proj");
+        let shape = ExpertShape { experts, hidden, width, per_expert: per_expert_layout(w, prefix) };
         let mut local: Vec<Option<Expert>> = (0..experts).map(|_| None).collect();
         let mut expert_bytes = 0;
         for (e, slot) in local.iter_mut().enumerate() {
@@ -138,18 +190,13 @@ impl MoeBlock {
             {
                 continue;
             }
-            let expert = Expert {
-                gate_up: w.slice3(&gate_up_name, [experts, hidden, 2 * width], e)?,
-                down: w.slice3(&down_name, [experts, width, hidden], e)?,
-            };
-            expert_bytes = expert.gate_up.bytes() + expert.down.bytes();
+            let expert = Expert::load(w, prefix, shape, e)?;
+            expert_bytes = expert.bytes();
             *slot = Some(expert);
         }
-        if expert_bytes == 0 {
+        if expert_bytes == 0 && experts > 0 {
             // A worker holding no expert of this layer still checks the tensors exist.
-            let probe = w.slice3(&gate_up_name, [experts, hidden, 2 * width], 0)?;
-            let down = w.slice3(&down_name, [experts, width, hidden], 0)?;
-            expert_bytes = probe.bytes() + down.bytes();
+            expert_bytes = Expert::load(w, prefix, shape, 0)?.bytes();
         }
         Ok(Self {
             router: w.weight(&format!("{prefix}.router.weight"), &[experts, hidden])?,
@@ -231,17 +278,29 @@ impl MoeBlock {
             .and_then(Option::as_ref)
             .ok_or_else(|| format!("expert {e} is not held by this worker"))?;
         let n = inputs.len() / self.hidden;
-        let mut gate_up = vec![0.0f32; n * 2 * self.width]; // [n, 2·width] = [gate | up]
-        matmul::matmul(inputs, expert.gate_up.matrix(), &mut gate_up);
-        let mut act = vec![0.0f32; n * self.width]; // [n, width]
-        activation::swiglu_fused(&gate_up, self.width, &mut act);
-        matmul::matmul(&act, expert.down.matrix(), out);
+        match expert {
+            Expert::Fused { gate_up: gu, down } => {
+                let mut gate_up = vec![0.0f32; n * 2 * self.width]; // [n, 2·width] = [gate | up]
+                matmul::matmul(inputs, gu.matrix(), &mut gate_up);
+                let mut act = vec![0.0f32; n * self.width]; // [n, width]
+                activation::swiglu_fused(&gate_up, self.width, &mut act);
+                matmul::matmul(&act, down.matrix(), out);
+            }
+            Expert::Linear { gate: g, up: u, down } => {
+                let mut gate = vec![0.0f32; n * self.width]; // [n, width]
+                let mut up = vec![0.0f32; n * self.width]; // [n, width]
+                matmul::matmul_t(inputs, g.matrix(), &mut gate);
+                matmul::matmul_t(inputs, u.matrix(), &mut up);
+                activation::swiglu_in_place(&mut gate, &up);
+                matmul::matmul_t(&gate, down.matrix(), out);
+            }
+        }
         Ok(())
     }
 
     /// Bytes held: the router, the shared expert and the local routed experts.
     pub fn bytes(&self) -> usize {
-        let local = self.local.iter().flatten().map(|e| e.gate_up.bytes() + e.down.bytes()).sum::<usize>();
+        let local = self.local.iter().flatten().map(Expert::bytes).sum::<usize>();
         self.router.bytes() + self.shared.bytes() + local
     }
 

@@ -4,11 +4,15 @@
 //! f32 weights are rounded to bf16 once at load. In f32 mode every weight keeps its stored
 //! dtype: kernels widen bf16/f16 exactly, which equals transformers upcasting the weights to
 //! f32, without materialising an f32 copy.
+//!
+//! Quantized nn.Linear weights (FP8 e4m3 with per-channel scales, int4 with group scales; see
+//! [`super::quant_config`]) are used as stored in either compute dtype: their codes stay
+//! memory-mapped, and only scales not stored as aligned f32 are converted once.
 
 use super::ModelError;
 use super::checkpoint::{Checkpoint, StoredDtype, TensorSlice};
 use half::{bf16, f16};
-use herd_kernels::{Elems, MatRef};
+use herd_kernels::{Elems, MatRef, quant};
 use memmap2::Mmap;
 use std::ops::Range;
 use std::sync::Arc;
@@ -45,10 +49,42 @@ impl std::fmt::Display for ComputeDtype {
 
 #[derive(Debug)]
 enum Storage {
-    Mapped { map: Arc<Mmap>, range: Range<usize>, dtype: StoredDtype },
+    Mapped {
+        map: Arc<Mmap>,
+        range: Range<usize>,
+        dtype: StoredDtype,
+    },
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
     F16(Vec<f16>),
+    /// FP8 codes `[rows, cols]` (mapped) with one scale per row.
+    Fp8 {
+        map: Arc<Mmap>,
+        range: Range<usize>,
+        scales: F32Buf,
+    },
+    /// int4 nibbles `[rows, ceil(cols/2)]` (mapped) with `[rows, ceil(cols/128)]` scales.
+    Int4 {
+        map: Arc<Mmap>,
+        range: Range<usize>,
+        scales: F32Buf,
+    },
+}
+
+/// f32 values borrowed from the map when stored as aligned F32, else converted once.
+#[derive(Debug)]
+enum F32Buf {
+    Mapped { map: Arc<Mmap>, range: Range<usize> },
+    Owned(Vec<f32>),
+}
+
+impl F32Buf {
+    fn as_slice(&self) -> &[f32] {
+        match self {
+            F32Buf::Mapped { map, range } => bytemuck::cast_slice(&map[range.clone()]),
+            F32Buf::Owned(v) => v,
+        }
+    }
 }
 
 /// A weight tensor of rank 1–3.
@@ -73,13 +109,26 @@ impl Weight {
                     StoredDtype::F32 => Elems::F32(bytemuck::cast_slice(bytes)),
                     StoredDtype::Bf16 => Elems::Bf16(bytemuck::cast_slice(bytes)),
                     StoredDtype::F16 => Elems::F16(bytemuck::cast_slice(bytes)),
-                    StoredDtype::Other(_) => unreachable!("only float dtypes are mapped"),
+                    StoredDtype::F8E4M3 | StoredDtype::U8 | StoredDtype::Other(_) => {
+                        unreachable!("only float dtypes are mapped as plain elements")
+                    }
                 }
             }
             Storage::F32(v) => Elems::F32(v),
             Storage::Bf16(v) => Elems::Bf16(v),
             Storage::F16(v) => Elems::F16(v),
+            Storage::Fp8 { map, range, scales } => {
+                Elems::F8E4M3 { codes: &map[range.clone()], scales: scales.as_slice(), row_len: self.shape[1] }
+            }
+            Storage::Int4 { map, range, scales } => {
+                Elems::Int4 { packed: &map[range.clone()], scales: scales.as_slice(), row_len: self.shape[1] }
+            }
         }
+    }
+
+    /// Whether the weight is FP8 or int4.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self.storage, Storage::Fp8 { .. } | Storage::Int4 { .. })
     }
 
     /// A rank-2 weight as a matrix.
@@ -97,12 +146,12 @@ impl Weight {
 
     /// Bytes as held in memory (mapped or owned).
     pub fn bytes(&self) -> usize {
-        self.elems().len() * self.elems().elem_bytes()
+        self.elems().stored_bytes()
     }
 
     /// Whether the bytes are borrowed from the checkpoint map (no copy).
     pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped { .. })
+        matches!(self.storage, Storage::Mapped { .. } | Storage::Fp8 { .. } | Storage::Int4 { .. })
     }
 }
 
@@ -163,9 +212,63 @@ impl<'c> WeightLoader<'c> {
             (StoredDtype::F32, _) => Storage::F32(read_f32(bytes)),
             (StoredDtype::Bf16, _) => Storage::Bf16(read_u16(bytes).into_iter().map(bf16::from_bits).collect()),
             (StoredDtype::F16, _) => Storage::F16(read_u16(bytes).into_iter().map(f16::from_bits).collect()),
-            (StoredDtype::Other(_), _) => unreachable!("rejected by slice()"),
+            (StoredDtype::F8E4M3 | StoredDtype::U8 | StoredDtype::Other(_), _) => unreachable!("rejected by slice()"),
         };
         Ok(Weight { shape, storage })
+    }
+
+    /// The nn.Linear weight `[out, inp]` of module `prefix`, in whichever form is stored:
+    /// float `{prefix}.weight` (compute-dtype rules), FP8 `{prefix}.weight` (F8_E4M3) with
+    /// `{prefix}.weight_scale` (`[out, 1]` or `[out]`), or int4 `{prefix}.weight_packed` (U8
+    /// `[out, ceil(inp/2)]`) with `{prefix}.weight_scale` (`[out, ceil(inp/128)]`).
+    pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Weight, ModelError> {
+        let name = format!("{prefix}.weight");
+        let packed_name = format!("{prefix}.weight_packed");
+        let scale_name = format!("{prefix}.weight_scale");
+        if let Some(t) = self.ckpt.get(&name).filter(|t| t.dtype == StoredDtype::F8E4M3) {
+            check_shape(&t, &[out, inp])?;
+            let scales = self.f32_buf(&scale_name, &[vec![out, 1], vec![out]])?;
+            let (map, range) = t.map()?;
+            return Ok(Weight { shape: vec![out, inp], storage: Storage::Fp8 { map, range, scales } });
+        }
+        if let Some(t) = self.ckpt.get(&packed_name) {
+            if t.dtype != StoredDtype::U8 {
+                return Err(ModelError::UnsupportedDtype { name: packed_name, dtype: t.dtype.to_string() });
+            }
+            check_shape(&t, &[out, quant::int4_row_bytes(inp)])?;
+            let scales = self.f32_buf(&scale_name, &[vec![out, quant::int4_row_groups(inp)]])?;
+            let (map, range) = t.map()?;
+            return Ok(Weight { shape: vec![out, inp], storage: Storage::Int4 { map, range, scales } });
+        }
+        self.weight(&name, &[out, inp])
+    }
+
+    /// A float tensor of one of `shapes` as f32: mapped when stored as aligned F32.
+    fn f32_buf(&self, name: &str, shapes: &[Vec<usize>]) -> Result<F32Buf, ModelError> {
+        let t = self
+            .ckpt
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor { name: name.to_owned(), dir: self.ckpt.dir().to_path_buf() })?;
+        if !shapes.contains(&t.shape) {
+            return Err(ModelError::ShapeMismatch {
+                name: name.to_owned(),
+                expected: shapes[0].clone(),
+                found: t.shape,
+            });
+        }
+        let (map, range) = t.map()?;
+        let bytes = &map[range.clone()];
+        Ok(match t.dtype {
+            StoredDtype::F32 if (bytes.as_ptr() as usize).is_multiple_of(4) => F32Buf::Mapped { map, range },
+            StoredDtype::F32 => F32Buf::Owned(read_f32(bytes)),
+            StoredDtype::Bf16 => {
+                F32Buf::Owned(read_u16(bytes).into_iter().map(|b| bf16::from_bits(b).to_f32()).collect())
+            }
+            StoredDtype::F16 => {
+                F32Buf::Owned(read_u16(bytes).into_iter().map(|b| f16::from_bits(b).to_f32()).collect())
+            }
+            other => return Err(ModelError::UnsupportedDtype { name: name.to_owned(), dtype: other.to_string() }),
+        })
     }
 
     /// A small tensor (norm weights) widened to an owned f32 vector.
@@ -176,8 +279,16 @@ impl<'c> WeightLoader<'c> {
             StoredDtype::F32 => read_f32(&bytes),
             StoredDtype::Bf16 => read_u16(&bytes).into_iter().map(|b| bf16::from_bits(b).to_f32()).collect(),
             StoredDtype::F16 => read_u16(&bytes).into_iter().map(|b| f16::from_bits(b).to_f32()).collect(),
-            StoredDtype::Other(_) => unreachable!("rejected by slice()"),
+            StoredDtype::F8E4M3 | StoredDtype::U8 | StoredDtype::Other(_) => unreachable!("rejected by slice()"),
         })
+    }
+}
+
+fn check_shape(t: &TensorSlice, shape: &[usize]) -> Result<(), ModelError> {
+    if t.shape == shape {
+        Ok(())
+    } else {
+        Err(ModelError::ShapeMismatch { name: t.name.clone(), expected: shape.to_vec(), found: t.shape.clone() })
     }
 }
 

@@ -22,8 +22,9 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::model::quant_config::{self, WeightQuant};
 pub use tokenizer::{SPECIAL_TOKENS, SpecialIds};
-pub use weights::{parameter_count, tensor_specs};
+pub use weights::{fp8_expert_specs, parameter_count, tensor_specs};
 pub use writer::{Init, TensorDtype, TensorSpec};
 
 /// The Llama 4 chat template, verbatim from transformers' `processing_llama4.py`.
@@ -36,6 +37,8 @@ pub enum SynthError {
     UnknownPreset(String),
     #[error("unknown dtype `{0}` (expected bf16 or f32)")]
     UnknownDtype(String),
+    #[error("unknown format `{0}` (expected hf or fp8)")]
+    UnknownFormat(String),
     #[error("invalid synthetic config: {0}")]
     InvalidConfig(String),
     #[error("{context}")]
@@ -219,6 +222,44 @@ impl FromStr for SynthDtype {
     }
 }
 
+/// How the routed experts are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum SynthFormat {
+    /// HF's fused `experts.gate_up_proj` / `experts.down_proj` in the weight dtype.
+    #[default]
+    Hf,
+    /// Meta's FP8 release: per-expert F8_E4M3 nn.Linear weights with per-channel f32 scales
+    /// and a compressed-tensors `quantization_config`; everything else in the weight dtype.
+    Fp8,
+}
+
+impl SynthFormat {
+    /// The CLI name (`hf`, `fp8`).
+    pub fn name(self) -> &'static str {
+        match self {
+            SynthFormat::Hf => "hf",
+            SynthFormat::Fp8 => "fp8",
+        }
+    }
+}
+
+impl fmt::Display for SynthFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SynthFormat {
+    type Err = SynthError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hf" => Ok(SynthFormat::Hf),
+            "fp8" => Ok(SynthFormat::Fp8),
+            _ => Err(SynthError::UnknownFormat(s.to_string())),
+        }
+    }
+}
+
 /// Llama 3-style RoPE frequency scaling (`rope_scaling` with `rope_type: "llama3"`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Llama3RopeScaling {
@@ -332,6 +373,7 @@ pub struct SynthOptions {
     /// Seed of every random weight; the same seed gives byte-identical files.
     pub seed: u64,
     pub dtype: SynthDtype,
+    pub format: SynthFormat,
 }
 
 /// What was written.
@@ -376,7 +418,10 @@ pub fn write_checkpoint(opts: &SynthOptions, out: &Path) -> Result<SynthSummary,
     outputs.put_json("generation_config.json", &config::generation_config_json(&cfg))?;
     outputs.put("README.md", readme(opts, &cfg).as_bytes())?;
 
-    let specs = tensor_specs(&cfg, opts.dtype.tensor_dtype());
+    let specs = match opts.format {
+        SynthFormat::Hf => tensor_specs(&cfg, opts.dtype.tensor_dtype()),
+        SynthFormat::Fp8 => fp8_expert_specs(&cfg, opts.dtype.tensor_dtype()),
+    };
     let metadata = [
         ("format", "pt".to_string()),
         ("herd_synth_preset", opts.preset.name().to_string()),
@@ -388,7 +433,11 @@ pub fn write_checkpoint(opts: &SynthOptions, out: &Path) -> Result<SynthSummary,
     outputs.files.push(weights_path);
 
     // config.json last: a directory with a config.json is a complete checkpoint.
-    outputs.put_json("config.json", &config::config_json(&cfg, opts.dtype))?;
+    let mut config_json = config::config_json(&cfg, opts.dtype);
+    if opts.format == SynthFormat::Fp8 {
+        config_json["quantization_config"] = quant_config::config_block(WeightQuant::Fp8Channel);
+    }
+    outputs.put_json("config.json", &config_json)?;
 
     Ok(SynthSummary {
         parameters: parameter_count(&cfg),
@@ -452,7 +501,7 @@ fn write_file_atomically(path: &Path, contents: &[u8]) -> Result<(), SynthError>
 fn readme(opts: &SynthOptions, cfg: &SynthConfig) -> String {
     format!(
         "# Synthetic Llama 4 checkpoint ({preset})\n\n\
-         Random weights written by `herd synth --preset {preset} --seed {seed} --dtype {dtype}`.\n\
+         Random weights written by `herd synth --preset {preset} --seed {seed} --dtype {dtype} --format {format}`.\n\
          This is not a trained model: its output is gibberish. It exists so that tests and\n\
          benchmarks need no download.\n\n\
          - architecture: `Llama4ForCausalLM` (`llama4_text`), {layers} layers, hidden {hidden}\n\
@@ -462,6 +511,7 @@ fn readme(opts: &SynthOptions, cfg: &SynthConfig) -> String {
         preset = opts.preset,
         seed = opts.seed,
         dtype = opts.dtype,
+        format = opts.format,
         layers = cfg.num_hidden_layers,
         hidden = cfg.hidden_size,
         params = parameter_count(cfg),

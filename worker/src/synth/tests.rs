@@ -8,7 +8,7 @@ use std::str::FromStr;
 use super::*;
 
 fn write(preset: Preset, seed: u64, dtype: SynthDtype, dir: &Path) -> SynthSummary {
-    let opts = SynthOptions { preset, seed, dtype };
+    let opts = SynthOptions { preset, seed, dtype, format: Default::default() };
     write_checkpoint(&opts, dir).expect("write_checkpoint")
 }
 

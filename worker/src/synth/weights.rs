@@ -60,6 +60,50 @@ pub fn tensor_specs(cfg: &SynthConfig, dtype: TensorDtype) -> Vec<TensorSpec> {
     specs
 }
 
+/// [`tensor_specs`] with the routed experts in Meta's FP8 release layout: per-expert nn.Linear
+/// `experts.{e}.{gate,up,down}_proj.weight` (F8_E4M3 `[out, in]`) and `.weight_scale` (F32
+/// `[out, 1]`) instead of the fused tensors.
+///
+/// The codes are drawn uniform over (−448, 448) and every scale is `bound / 448` for the
+/// projection's uniform bound `√3 / √fan_in`, so the dequantized weights have the same
+/// distribution as the float layout's (rounded to e4m3), and each tensor still streams
+/// element by element.
+pub fn fp8_expert_specs(cfg: &SynthConfig, dtype: TensorDtype) -> Vec<TensorSpec> {
+    let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+    let mut specs = Vec::new();
+    for spec in tensor_specs(cfg, dtype) {
+        if spec.name.ends_with("experts.down_proj") {
+            continue;
+        }
+        let Some(ff) = spec.name.strip_suffix("experts.gate_up_proj") else {
+            specs.push(spec);
+            continue;
+        };
+        for e in 0..cfg.num_local_experts {
+            for (proj, out, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+                let p = format!("{ff}experts.{e}.{proj}");
+                let code_std = FP8_MAX / 3f32.sqrt();
+                let scale = (3.0 / inp as f64).sqrt() as f32 / FP8_MAX;
+                specs.push(TensorSpec {
+                    name: format!("{p}.weight"),
+                    shape: vec![out, inp],
+                    dtype: TensorDtype::F8E4M3,
+                    init: Init::Uniform { std: code_std },
+                });
+                specs.push(TensorSpec {
+                    name: format!("{p}.weight_scale"),
+                    shape: vec![out, 1],
+                    dtype: TensorDtype::F32,
+                    init: Init::Const(scale),
+                });
+            }
+        }
+    }
+    specs
+}
+
+const FP8_MAX: f32 = herd_kernels::quant::FP8_E4M3_MAX;
+
 /// Total number of parameters of the checkpoint for `cfg` (computed from the shapes).
 pub fn parameter_count(cfg: &SynthConfig) -> u64 {
     tensor_specs(cfg, TensorDtype::Bf16).iter().map(TensorSpec::numel).sum()

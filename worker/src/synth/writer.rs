@@ -40,6 +40,8 @@ const CHUNK_ELEMS: usize = 1 << 16;
 pub enum TensorDtype {
     Bf16,
     F32,
+    /// FP8 e4m3fn codes (values are encoded round-to-nearest-even, saturating at ±448).
+    F8E4M3,
 }
 
 impl TensorDtype {
@@ -48,6 +50,7 @@ impl TensorDtype {
         match self {
             TensorDtype::Bf16 => "BF16",
             TensorDtype::F32 => "F32",
+            TensorDtype::F8E4M3 => "F8_E4M3",
         }
     }
 
@@ -56,6 +59,7 @@ impl TensorDtype {
         match self {
             TensorDtype::Bf16 => safetensors::Dtype::BF16,
             TensorDtype::F32 => safetensors::Dtype::F32,
+            TensorDtype::F8E4M3 => safetensors::Dtype::F8_E4M3,
         }
     }
 
@@ -64,6 +68,7 @@ impl TensorDtype {
         match self {
             TensorDtype::Bf16 => 2,
             TensorDtype::F32 => 4,
+            TensorDtype::F8E4M3 => 1,
         }
     }
 
@@ -80,6 +85,11 @@ impl TensorDtype {
                     o.copy_from_slice(&v.to_le_bytes());
                 }
             }
+            TensorDtype::F8E4M3 => {
+                for (v, o) in values.iter().zip(out.iter_mut()) {
+                    *o = herd_kernels::quant::f32_to_e4m3(*v);
+                }
+            }
         }
     }
 }
@@ -89,6 +99,8 @@ impl TensorDtype {
 pub enum Init {
     /// Every element 1.0 (norm weights).
     Ones,
+    /// Every element the given value (FP8 scales).
+    Const(f32),
     /// Uniform in (-√3·std, √3·std), i.e. zero mean and standard deviation `std`.
     Uniform { std: f32 },
 }
@@ -134,6 +146,7 @@ fn tensor_rng(seed: u64, name: &str, start: u64) -> ChaCha8Rng {
 pub fn generate_values(spec: &TensorSpec, seed: u64, start: u64, values: &mut [f32]) {
     match spec.init {
         Init::Ones => values.fill(1.0),
+        Init::Const(v) => values.fill(v),
         Init::Uniform { std } => {
             let bound = std * 3f32.sqrt();
             let mut rng = tensor_rng(seed, &spec.name, start);

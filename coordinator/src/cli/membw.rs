@@ -1,0 +1,32 @@
+//! This machine's memory read bandwidth, the ceiling of batch-1 decode: every decoded token
+//! streams its active weights from DRAM once.
+
+use rayon::prelude::*;
+use std::time::Instant;
+
+/// Bytes read per pass: well past any last-level cache, so every pass comes from DRAM.
+pub const BUFFER_BYTES: usize = 1 << 30;
+
+/// Read passes; the best one is reported (the machine may be shared, and the best pass is
+/// the closest to what the hardware can do).
+const PASSES: usize = 5;
+
+/// Best read bandwidth in bytes/s of `PASSES` passes over a [`BUFFER_BYTES`] buffer, split
+/// over the rayon pool in 1 MiB chunks.
+pub fn measure() -> f64 {
+    let words = BUFFER_BYTES / 8;
+    // Written first so that every page is backed by real memory (not the shared zero page).
+    let buf: Vec<u64> = (0..words as u64).into_par_iter().collect();
+    let mut best = 0.0f64;
+    for _ in 0..PASSES {
+        let started = Instant::now();
+        let sum = buf
+            .par_chunks(1 << 17)
+            .map(|c| c.iter().fold(0u64, |a, &b| a.wrapping_add(b)))
+            .reduce(|| 0, u64::wrapping_add);
+        let secs = started.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        best = best.max(BUFFER_BYTES as f64 / secs);
+    }
+    best
+}
