@@ -212,6 +212,9 @@ mod tests {
         // Midway between 1.125 (0x39) and 1.25 (0x3A): ties to the even 0x3A.
         assert_eq!(f32_to_e4m3(1.1875), 0x3A);
         assert_eq!(f32_to_e4m3(1.07), 0x39);
+        assert_eq!(f32_to_e4m3(1.05), 0x38);
+        assert_eq!(f32_to_e4m3(2f32.powi(-11)), 0x00); // below half the smallest subnormal
+        assert_eq!(f32_to_e4m3(-0.0), 0x80);
         // Subnormal tie 0.5·2⁻⁹ rounds to 0; 1.5·2⁻⁹ rounds to 2·2⁻⁹.
         assert_eq!(f32_to_e4m3(0.5 / 512.0), 0x00);
         assert_eq!(f32_to_e4m3(1.5 / 512.0), 0x02);
