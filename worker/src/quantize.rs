@@ -292,6 +292,7 @@ fn write_weights(path: &Path, jobs: &[Job], entries: &[Entry], format: WeightQua
         .into_inner()
         .map_err(|e| QuantizeError::Io { context: format!("writing {}", tmp.display()), source: e.into_error() })?;
     file.sync_all().map_err(werr())?;
+    crate::model::checkpoint::evict_from_page_cache(&file);
     fs::rename(&tmp, path).map_err(io(format!("renaming {}", tmp.display())))?;
     Ok((8 + json.len() + offset) as u64)
 }

@@ -35,23 +35,79 @@ mod portable;
 #[cfg(test)]
 mod tests;
 
-use super::parallel::{SharedOut, block_size};
+use super::parallel::{SERIAL_WORK, SharedOut, block_size};
 use super::simd::{Isa, Widen, isa};
 use crate::tensor::{Elems, MatRef};
 use rayon::prelude::*;
 
 /// `out[m, n] = x[m, k] · W[n, k]ᵀ`, where `m = x.len() / k`.
 pub fn matmul_t(x: &[f32], w: MatRef<'_>, out: &mut [f32]) {
-    let (n, k) = (w.rows, w.cols);
+    matmul_t_many(x, &mut [(w, out)]);
+}
+
+/// Several products of the same activations, `out_i = x · W_iᵀ` (q/k/v, or a router and
+/// the gate/up of a shared expert), in one parallel region. At decode each product streams a
+/// few megabytes at most, so a region per product would spend a pool wake-up and a join on
+/// each; one region over the column blocks of all of them spends one. Every output element
+/// is computed exactly as [`matmul_t`] alone computes it.
+pub fn matmul_t_many(x: &[f32], products: &mut [(MatRef<'_>, &mut [f32])]) {
+    let Some((first, _)) = products.first() else { return };
+    let k = first.cols;
     assert!(k > 0 && x.len().is_multiple_of(k), "matmul_t: x has {} elements, not a multiple of k={k}", x.len());
     let m = x.len() / k;
-    assert_eq!(out.len(), m * n, "matmul_t: out is {} elements, want {m}x{n}", out.len());
-    match w.elems {
-        Elems::F32(ws) => split(Layout::NK, x, ws, m, n, k, out),
-        Elems::Bf16(ws) => split(Layout::NK, x, ws, m, n, k, out),
-        Elems::F16(ws) => split(Layout::NK, x, ws, m, n, k, out),
-        Elems::F8E4M3 { codes, scales, .. } => super::matmul_q::matmul_t_fp8(x, codes, scales, m, n, k, out),
-        Elems::Int4 { packed, scales, .. } => super::matmul_q::matmul_t_int4(x, packed, scales, m, n, k, out),
+    let mut work = 0;
+    for (w, out) in products.iter() {
+        assert_eq!(w.cols, k, "matmul_t_many: every weight must have k={k} columns, one has {}", w.cols);
+        assert_eq!(out.len(), m * w.rows, "matmul_t: out is {} elements, want {m}x{}", out.len(), w.rows);
+        work += m * w.rows * k;
+    }
+    if m == 0 {
+        return;
+    }
+    // Column blocks of every product: whole register tiles (8 columns for decode, 24 for
+    // batches: the 3-wide float tile and the 4-row quantized decode tile both divide them).
+    let align = if m == 1 { 8 } else { 24 };
+    let mut blocks: Vec<(usize, usize, usize)> = Vec::new(); // (product, j0, j1)
+    for (i, (w, _)) in products.iter().enumerate() {
+        let n = w.rows;
+        let nb = if work < SERIAL_WORK { n.max(1) } else { block_size(n, align, m * n * k) };
+        blocks.extend((0..n).step_by(nb.max(1)).map(|j0| (i, j0, (j0 + nb).min(n))));
+    }
+    let jobs: Vec<(MatRef<'_>, SharedOut)> =
+        products.iter_mut().map(|(w, out)| (*w, SharedOut(out.as_mut_ptr()))).collect();
+    let isa = isa();
+    let run = |&(i, j0, j1): &(usize, usize, usize)| {
+        let (w, dst) = jobs[i];
+        // SAFETY: each block writes only columns [j0, j1) of its own product's output; blocks
+        // are disjoint, and the outputs (borrowed mutably for this call) outlive the region.
+        unsafe { cols_t(isa, x, w, m, dst, j0, j1) }
+    };
+    if blocks.len() == 1 || work < SERIAL_WORK {
+        blocks.iter().for_each(run);
+    } else {
+        blocks.par_iter().for_each(run);
+    }
+}
+
+/// Columns `[j0, j1)` of `x · Wᵀ` into the `[m, w.rows]` buffer at `dst`, by weight dtype.
+///
+/// # Safety
+/// `dst` points to an `m * w.rows` buffer of which no other thread writes columns `[j0, j1)`.
+unsafe fn cols_t(isa: Isa, x: &[f32], w: MatRef<'_>, m: usize, dst: SharedOut, j0: usize, j1: usize) {
+    let (n, k) = (w.rows, w.cols);
+    // SAFETY (all arms): forwarded from the caller.
+    unsafe {
+        match w.elems {
+            Elems::F32(ws) => run_block(isa, Layout::NK, Job { x, w: ws, m, n, k, dst }, j0, j1),
+            Elems::Bf16(ws) => run_block(isa, Layout::NK, Job { x, w: ws, m, n, k, dst }, j0, j1),
+            Elems::F16(ws) => run_block(isa, Layout::NK, Job { x, w: ws, m, n, k, dst }, j0, j1),
+            Elems::F8E4M3 { codes, scales, .. } => {
+                super::matmul_q::fp8_cols(isa, x, codes, scales, m, n, k, j0, j1, dst)
+            }
+            Elems::Int4 { packed, scales, .. } => {
+                super::matmul_q::int4_cols(isa, x, packed, scales, m, n, k, j0, j1, dst)
+            }
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! `out = x · Wᵀ` with a quantized output-major `W[n, k]` (FP8 e4m3 per-channel, or int4
 //! group-wise; formats in [`crate::quant`]), f32 activations and f32 accumulation.
 //!
-//! [`super::matmul::matmul_t`] forwards quantized weights here. Each 16-element chunk of a
+//! [`super::matmul::matmul_t`] splits the columns and forwards each block of quantized weights here. Each 16-element chunk of a
 //! weight row is dequantized once into f32 registers and reused for up to four activation
 //! rows (prefill) or streamed four weight rows at a time (decode, `m == 1`).
 //!
@@ -19,10 +19,9 @@
 //! for subnormals), and the multiply by 2¹²⁰ is exact. The two NaN codes decode to ±480,
 //! which the quantizer never writes.
 
-use super::parallel::{SharedOut, block_size};
-use super::simd::{Isa, fmadd, isa};
+use super::parallel::SharedOut;
+use super::simd::{Isa, fmadd};
 use crate::quant::{self, INT4_GROUP};
-use rayon::prelude::*;
 
 const LANES: usize = 16;
 
@@ -103,37 +102,52 @@ impl QuantRows for Int4Rows<'_> {
     }
 }
 
-/// `out[m, n] = x[m, k] · W[n, k]ᵀ` with FP8 codes `[n, k]` and per-row scales `[n]`.
-pub(crate) fn matmul_t_fp8(x: &[f32], codes: &[u8], scales: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+/// Columns `[j0, j1)` of `x[m, k] · W[n, k]ᵀ` with FP8 codes `[n, k]` and per-row scales `[n]`.
+///
+/// # Safety
+/// `dst` points to an `m * n` buffer and no other thread writes columns `[j0, j1)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn fp8_cols(
+    isa: Isa,
+    x: &[f32],
+    codes: &[u8],
+    scales: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    dst: SharedOut,
+) {
     assert_eq!(codes.len(), n * k, "fp8 matmul: codes");
     assert_eq!(scales.len(), n, "fp8 matmul: scales");
-    dispatch(x, Fp8Rows { codes, scales, k }, m, n, k, out);
+    // SAFETY: forwarded from the caller.
+    unsafe { cols_block(isa, x, Fp8Rows { codes, scales, k }, m, n, k, j0, j1, dst) }
 }
 
-/// `out[m, n] = x[m, k] · W[n, k]ᵀ` with int4 `packed[n, ceil(k/2)]`, `scales[n, ceil(k/128)]`.
-pub(crate) fn matmul_t_int4(x: &[f32], packed: &[u8], scales: &[f32], m: usize, n: usize, k: usize, out: &mut [f32]) {
+/// Columns `[j0, j1)` of `x[m, k] · W[n, k]ᵀ` with int4 `packed[n, ceil(k/2)]` and
+/// `scales[n, ceil(k/128)]`.
+///
+/// # Safety
+/// `dst` points to an `m * n` buffer and no other thread writes columns `[j0, j1)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn int4_cols(
+    isa: Isa,
+    x: &[f32],
+    packed: &[u8],
+    scales: &[f32],
+    m: usize,
+    n: usize,
+    k: usize,
+    j0: usize,
+    j1: usize,
+    dst: SharedOut,
+) {
     let (row_bytes, row_groups) = (quant::int4_row_bytes(k), quant::int4_row_groups(k));
     assert_eq!(packed.len(), n * row_bytes, "int4 matmul: packed bytes");
     assert_eq!(scales.len(), n * row_groups, "int4 matmul: scales");
-    dispatch(x, Int4Rows { packed, scales, row_bytes, row_groups }, m, n, k, out);
-}
-
-fn dispatch<Q: QuantRows>(x: &[f32], q: Q, m: usize, n: usize, k: usize, out: &mut [f32]) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let nb = block_size(n, 4, m * n * k);
-    let dst = SharedOut(out.as_mut_ptr());
-    let run = |j0: usize| {
-        let j1 = (j0 + nb).min(n);
-        // SAFETY: this task writes only columns [j0, j1) of `out`; blocks are disjoint.
-        unsafe { cols_block(isa(), x, q, m, n, k, j0, j1, dst) }
-    };
-    if nb >= n {
-        run(0);
-    } else {
-        (0..n.div_ceil(nb)).into_par_iter().for_each(|b| run(b * nb));
-    }
+    // SAFETY: forwarded from the caller.
+    unsafe { cols_block(isa, x, Int4Rows { packed, scales, row_bytes, row_groups }, m, n, k, j0, j1, dst) }
 }
 
 /// # Safety

@@ -2,6 +2,7 @@
 
 use super::ModelError;
 use super::weights::{Weight, WeightLoader};
+use herd_kernels::MatRef;
 use herd_kernels::cpu::{activation, matmul};
 
 /// `down(silu(gate(x)) · up(x))` with nn.Linear weights.
@@ -26,11 +27,18 @@ impl Mlp {
 
     /// `x`: `[tokens, hidden]` → `out`: `[tokens, hidden]`.
     pub fn forward(&self, x: &[f32], out: &mut [f32]) {
+        self.forward_with(x, out, None);
+    }
+
+    /// [`forward`](Self::forward), also computing `x · extraᵀ` into `extra_out` in the same
+    /// parallel region as gate and up (a MoE layer's router reads the same `x`).
+    pub fn forward_with(&self, x: &[f32], out: &mut [f32], extra: Option<(MatRef<'_>, &mut [f32])>) {
         let tokens = out.len() / self.down.shape()[0];
         let mut gate = vec![0.0; tokens * self.width]; // [tokens, width]
         let mut up = vec![0.0; tokens * self.width];
-        matmul::matmul_t(x, self.gate.matrix(), &mut gate);
-        matmul::matmul_t(x, self.up.matrix(), &mut up);
+        let mut products = vec![(self.gate.matrix(), &mut gate[..]), (self.up.matrix(), &mut up[..])];
+        products.extend(extra);
+        matmul::matmul_t_many(x, &mut products);
         activation::swiglu_in_place(&mut gate, &up);
         matmul::matmul_t(&gate, self.down.matrix(), out);
     }

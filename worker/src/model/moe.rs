@@ -230,9 +230,12 @@ impl MoeBlock {
         out: &mut [f32],
         runner: &mut dyn ExpertRunner,
     ) -> Result<Routing, ExpertError> {
-        let routing = self.route(x);
+        // The router and the shared expert's gate/up read the same `x`: one parallel region.
+        let tokens = x.len() / self.hidden;
+        let mut logits = vec![0.0f32; tokens * self.experts]; // [tokens, experts]
+        self.shared.forward_with(x, out, Some((self.router.matrix(), &mut logits)));
+        let routing = self.route_logits(&logits);
         let routed = runner.run(layer, self, x, &routing)?;
-        self.shared.forward(x, out);
         for (o, r) in out.iter_mut().zip(&routed) {
             *o += r;
         }
@@ -244,6 +247,12 @@ impl MoeBlock {
         let tokens = x.len() / self.hidden;
         let mut logits = vec![0.0f32; tokens * self.experts]; // [tokens, experts]
         matmul::matmul_t(x, self.router.matrix(), &mut logits);
+        self.route_logits(&logits)
+    }
+
+    /// [`route`](Self::route) from router logits already computed: `[tokens, experts]`.
+    fn route_logits(&self, logits: &[f32]) -> Routing {
+        let tokens = logits.len() / self.experts;
         let mut routes: Vec<Route> = Vec::with_capacity(tokens * self.top_k);
         for (t, row) in logits.chunks_exact(self.experts).enumerate() {
             for (expert, logit) in activation::top_k(row, self.top_k) {

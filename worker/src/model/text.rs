@@ -235,9 +235,10 @@ impl TextModel {
         let mut q = vec![0.0f32; total * nq * d]; // [tokens, q_heads, head_dim]
         let mut k = vec![0.0f32; total * nkv * d]; // [tokens, kv_heads, head_dim]
         let mut v = vec![0.0f32; total * nkv * d];
-        matmul::matmul_t(&a, layer.q.matrix(), &mut q);
-        matmul::matmul_t(&a, layer.k.matrix(), &mut k);
-        matmul::matmul_t(&a, layer.v.matrix(), &mut v);
+        matmul::matmul_t_many(
+            &a,
+            &mut [(layer.q.matrix(), &mut q), (layer.k.matrix(), &mut k), (layer.v.matrix(), &mut v)],
+        );
         let spec = layer.spec;
         if spec.uses_rope {
             rope::apply_rope(&mut q, nq, d, cos, sin);

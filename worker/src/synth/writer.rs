@@ -236,7 +236,9 @@ fn write_to(tmp: &Path, header: &[u8], specs: &[TensorSpec], seed: u64) -> Resul
                 // The producer may have finished and dropped its receiver: nothing to recycle.
                 let _ = empty_tx.send(buf);
             }
-            file.sync_all()
+            file.sync_all()?;
+            crate::model::checkpoint::evict_from_page_cache(&file);
+            Ok(())
         });
 
         let mut buffers = 0;

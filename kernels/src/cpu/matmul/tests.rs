@@ -192,3 +192,45 @@ fn portable_kernels_match_f64_reference() {
         }
     }
 }
+
+/// One region over several products (q/k/v, router + gate/up) gives each output exactly the
+/// bits its own `matmul_t` gives, for float and quantized weights, at decode and batch sizes,
+/// on small (serial) and large (split) products.
+#[test]
+fn many_products_in_one_region_equal_each_alone() {
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for (m, k) in [(1, 37), (1, 512), (5, 130), (70, 256)] {
+        let ns = [1000, 9, 260, 64];
+        let ws: Vec<Vec<f32>> = ns.iter().map(|&n| rand_vec(&mut rng, n * k)).collect();
+        let bf: Vec<bf16> = ws[1].iter().map(|&v| bf16::from_f32(v)).collect();
+        let mut codes = vec![0u8; ns[2] * k];
+        let mut fp8_scales = vec![0.0f32; ns[2]];
+        crate::quant::quantize_fp8(&ws[2], ns[2], k, &mut codes, &mut fp8_scales).expect("fp8");
+        let (rb, rg) = (crate::quant::int4_row_bytes(k), crate::quant::int4_row_groups(k));
+        let mut packed = vec![0u8; ns[3] * rb];
+        let mut int4_scales = vec![0.0f32; ns[3] * rg];
+        crate::quant::quantize_int4(&ws[3], ns[3], k, &mut packed, &mut int4_scales).expect("int4");
+        let mats = [
+            MatRef::new(Elems::F32(&ws[0]), ns[0], k),
+            MatRef::new(Elems::Bf16(&bf), ns[1], k),
+            MatRef::new(Elems::F8E4M3 { codes: &codes, scales: &fp8_scales, row_len: k }, ns[2], k),
+            MatRef::new(Elems::Int4 { packed: &packed, scales: &int4_scales, row_len: k }, ns[3], k),
+        ];
+        let x = rand_vec(&mut rng, m * k);
+        let alone: Vec<Vec<f32>> = mats
+            .iter()
+            .map(|w| {
+                let mut out = vec![0.0; m * w.rows];
+                matmul_t(&x, *w, &mut out);
+                out
+            })
+            .collect();
+        let mut outs: Vec<Vec<f32>> = mats.iter().map(|w| vec![f32::NAN; m * w.rows]).collect();
+        let mut products: Vec<(MatRef<'_>, &mut [f32])> =
+            mats.iter().zip(outs.iter_mut()).map(|(w, o)| (*w, o.as_mut_slice())).collect();
+        matmul_t_many(&x, &mut products);
+        for (i, (got, want)) in outs.iter().zip(&alone).enumerate() {
+            assert!(got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()), "m={m} k={k}: product {i} differs");
+        }
+    }
+}
