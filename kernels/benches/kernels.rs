@@ -49,6 +49,52 @@ fn matmul_t(c: &mut Criterion) {
     g.finish();
 }
 
+/// One decoded token's nn.Linear weight stream at maverick-mini's shapes: for each of 12
+/// layers q/k/v (one region), o, gate/up (one region) and down, every matrix distinct, 96 MiB in
+/// all, so that (unlike the single-matrix benches above, which a large L3 may hold) every byte
+/// comes from DRAM, and the fork/join and prefetch ramp-up of ~50 small products per token are
+/// part of the figure. Throughput in GiB/s is directly comparable with `herd bench`'s bandwidth.
+fn decode_stream(c: &mut Criterion) {
+    fn m(w: &[bf16], n: usize, k: usize) -> MatRef<'_> {
+        MatRef::new(Elems::Bf16(w), n, k)
+    }
+    let (h, qd, kvd, ff) = (1024usize, 1024usize, 256usize, 512usize);
+    let layers: Vec<[Vec<bf16>; 7]> = (0..12)
+        .map(|l| {
+            let s = 100 + 10 * l;
+            [
+                bf16s(qd * h, s),
+                bf16s(kvd * h, s + 1),
+                bf16s(kvd * h, s + 2),
+                bf16s(h * qd, s + 3),
+                bf16s(ff * h, s + 4),
+                bf16s(ff * h, s + 5),
+                bf16s(h * ff, s + 6),
+            ]
+        })
+        .collect();
+    let bytes: usize = layers.iter().flatten().map(|w| w.len() * 2).sum();
+    let x = values(h, 5);
+    let (mut q, mut k, mut v, mut o) = (vec![0.0f32; qd], vec![0.0f32; kvd], vec![0.0f32; kvd], vec![0.0f32; h]);
+    let (mut gate, mut up, mut down) = (vec![0.0f32; ff], vec![0.0f32; ff], vec![0.0f32; h]);
+    let mut g = c.benchmark_group("decode_stream_bf16");
+    g.throughput(Throughput::Bytes(bytes as u64));
+    g.bench_function("12_layers_96MiB", |b| {
+        b.iter(|| {
+            for [wq, wk, wv, wo, wg, wu, wd] in &layers {
+                matmul::matmul_t_many(
+                    black_box(&x),
+                    &mut [(m(wq, qd, h), &mut q), (m(wk, kvd, h), &mut k), (m(wv, kvd, h), &mut v)],
+                );
+                matmul::matmul_t(&q, m(wo, h, qd), &mut o);
+                matmul::matmul_t_many(&o, &mut [(m(wg, ff, h), &mut gate), (m(wu, ff, h), &mut up)]);
+                matmul::matmul_t(&gate, m(wd, h, ff), &mut down);
+            }
+        })
+    });
+    g.finish();
+}
+
 fn matmul_kn(c: &mut Criterion) {
     let mut g = c.benchmark_group("matmul_kn_bf16");
     for (name, k, n) in [("expert_gate_up_1024x512", 1024usize, 512usize), ("expert_down_256x1024", 256, 1024)] {
@@ -127,6 +173,6 @@ fn attention_bench(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(500)).measurement_time(std::time::Duration::from_secs(2));
-    targets = matmul_t, matmul_kn, matmul_f32, elementwise, attention_bench
+    targets = decode_stream, matmul_t, matmul_kn, matmul_f32, elementwise, attention_bench
 }
 criterion_main!(benches);

@@ -32,10 +32,39 @@ fn hsum(v: __m256) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn tile_nk<W: Widen, const MR: usize, const NR: usize>(x: *const f32, w: *const W, k: usize) -> [[f32; NR]; MR] {
+    // SAFETY: forwarded; a null prefetch pointer prefetches nothing.
+    unsafe { tile_nk_pf::<W, MR, NR>(x, w, k, std::ptr::null()) }
+}
+
+/// [`tile_nk`] that also prefetches, spread over its loop, the `NR·k` weights at `next` (the
+/// next tile's rows, contiguous after this tile's). Decode streams each weight row once, and a
+/// row of 1–2 KiB is too short for the hardware prefetcher to ramp up on before it ends.
+///
+/// # Safety
+/// As [`tile_nk`]; `next` may point anywhere (prefetches never fault) or be null.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn tile_nk_pf<W: Widen, const MR: usize, const NR: usize>(
+    x: *const f32,
+    w: *const W,
+    k: usize,
+    next: *const W,
+) -> [[f32; NR]; MR] {
     let mut acc = [[_mm256_setzero_ps(); NR]; MR];
     let full = k & !7;
+    // Bytes of the next tile to prefetch per 8-element step: the same share of it as this
+    // step consumes of this tile.
+    let step_bytes = NR * 8 * std::mem::size_of::<W>();
     let mut p = 0;
     while p < full {
+        if !next.is_null() {
+            let at = next.cast::<u8>().wrapping_add(p * NR * std::mem::size_of::<W>());
+            let mut off = 0;
+            while off < step_bytes {
+                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off).cast::<i8>());
+                off += 64;
+            }
+        }
         let mut wv = [_mm256_setzero_ps(); NR];
         for (j, v) in wv.iter_mut().enumerate() {
             // SAFETY: p + 8 <= k within row j.
@@ -108,7 +137,12 @@ pub(super) unsafe fn block_nk<W: Widen>(job: Job<'_, W>, j0: usize, j1: usize) {
         // concurrent streams for the prefetcher.
         let mut j = j0;
         while j + 8 <= j1 {
-            tile!(0, j, 1, 8);
+            // SAFETY: as for `tile!`; the prefetch address is never dereferenced.
+            let r = unsafe { tile_nk_pf::<W, 1, 8>(xp, wp.add(j * k), k, wp.wrapping_add((j + 8) * k)) };
+            for (c, &v) in r[0].iter().enumerate() {
+                // SAFETY: column j + c < j1 of row 0 belongs to this task.
+                unsafe { *dst.0.add(j + c) = v };
+            }
             j += 8;
         }
         while j + 2 <= j1 {
