@@ -33,6 +33,23 @@ trait QuantRows: Copy + Send + Sync {
     fn elem(&self, j: usize, p: usize) -> f32;
     /// Turn row `j`'s dot product with the `chunk` weights into the output value.
     fn finish(&self, j: usize, dot: f32) -> f32;
+    /// Hint the cache to fetch the bytes of chunk `c` of row `j` (which may be past the last
+    /// row: prefetches never fault); only chunks that start a cache line issue one.
+    fn prefetch(&self, j: usize, c: usize);
+}
+
+/// Prefetch the cache line at `base + offset` if `offset` starts one of `base`'s lines.
+#[inline(always)]
+fn prefetch_line(base: *const u8, offset: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if offset.is_multiple_of(64) {
+        // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.wrapping_add(offset).cast())
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (base, offset);
 }
 
 #[derive(Clone, Copy)]
@@ -68,6 +85,11 @@ impl QuantRows for Fp8Rows<'_> {
     fn finish(&self, j: usize, dot: f32) -> f32 {
         dot * self.scales[j]
     }
+
+    #[inline(always)]
+    fn prefetch(&self, j: usize, c: usize) {
+        prefetch_line(self.codes.as_ptr(), j * self.k + c * LANES);
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -100,6 +122,11 @@ impl QuantRows for Int4Rows<'_> {
     fn finish(&self, _j: usize, dot: f32) -> f32 {
         dot
     }
+
+    #[inline(always)]
+    fn prefetch(&self, j: usize, c: usize) {
+        prefetch_line(self.packed.as_ptr(), j * self.row_bytes + c * LANES / 2);
+    }
 }
 
 /// Columns `[j0, j1)` of `x[m, k] · W[n, k]ᵀ` with FP8 codes `[n, k]` and per-row scales `[n]`.
@@ -121,6 +148,11 @@ pub(crate) unsafe fn fp8_cols(
 ) {
     assert_eq!(codes.len(), n * k, "fp8 matmul: codes");
     assert_eq!(scales.len(), n, "fp8 matmul: scales");
+    #[cfg(target_arch = "x86_64")]
+    if m == 1 && matches!(isa, Isa::Avx2Fma | Isa::Avx512) {
+        // SAFETY: AVX2 and FMA were detected at run time; the rest is forwarded.
+        return unsafe { fp8_decode::fp8_decode_avx2(x, codes, scales, k, j0, j1, dst) };
+    }
     // SAFETY: forwarded from the caller.
     unsafe { cols_block(isa, x, Fp8Rows { codes, scales, k }, m, n, k, j0, j1, dst) }
 }
@@ -214,7 +246,7 @@ unsafe fn block<Q: QuantRows, const FMA: bool>(
         // Decode: stream W once, four rows at a time for memory-level parallelism.
         let mut j = j0;
         while j + 4 <= j1 {
-            let r = tile::<Q, 1, 4, FMA>(q, [xr(0)], [j, j + 1, j + 2, j + 3]);
+            let r = tile_pf::<Q, 1, 4, FMA, true>(q, [xr(0)], [j, j + 1, j + 2, j + 3]);
             for (c, v) in r[0].iter().enumerate() {
                 put(0, j + c, *v);
             }
@@ -268,11 +300,29 @@ fn tile<Q: QuantRows, const MR: usize, const NR: usize, const FMA: bool>(
     xs: [&[f32]; MR],
     js: [usize; NR],
 ) -> [[f32; NR]; MR] {
+    tile_pf::<Q, MR, NR, FMA, false>(q, xs, js)
+}
+
+/// [`tile`]; with `PF`, also prefetches the `NR` rows after the last of `js` (the next decode
+/// tile), chunk by chunk as this one proceeds: a 1 KiB FP8 row ends before the hardware
+/// prefetcher has ramped up on it.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn tile_pf<Q: QuantRows, const MR: usize, const NR: usize, const FMA: bool, const PF: bool>(
+    q: Q,
+    xs: [&[f32]; MR],
+    js: [usize; NR],
+) -> [[f32; NR]; MR] {
     let k = xs[0].len();
     let full = k / LANES * LANES;
     let mut acc = [[[0.0f32; LANES]; NR]; MR];
     let xc: [&[[f32; LANES]]; MR] = xs.map(|r| r[..full].as_chunks::<LANES>().0);
     for c in 0..full / LANES {
+        if PF {
+            for t in 0..NR {
+                q.prefetch(js[NR - 1] + 1 + t, c);
+            }
+        }
         let mut wv = [[0.0f32; LANES]; NR];
         for t in 0..NR {
             q.chunk(js[t], c, &mut wv[t]);
@@ -312,5 +362,7 @@ fn reduce_lanes(mut v: [f32; LANES]) -> f32 {
     v[0]
 }
 
+#[cfg(target_arch = "x86_64")]
+mod fp8_decode;
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,97 @@
+//! Single-token FP8 `x · Wᵀ` with explicit AVX2: the decode path, where the generic
+//! chunk-at-a-time code spends about four cycles per weight on scalar e4m3 conversions and
+//! the matvec is compute-bound instead of streaming at memory speed.
+//!
+//! Bit-identical to the generic kernel with FMA (the order contract of the parent module):
+//! lanes 0–7 of each 16-element chunk accumulate in one register and lanes 8–15 in a
+//! second, each a fused multiply-add of the unscaled e4m3 value; the halving tree is the
+//! same sums in the same pairs; the tail and the row scale come last.
+
+use super::super::parallel::SharedOut;
+use super::{LANES, e4m3_fast};
+use std::arch::x86_64::*;
+
+/// Rows per tile: four independent weight streams, as the generic decode tile.
+const ROWS: usize = 4;
+
+/// Eight e4m3 codes → eight f32, by the bit arithmetic of [`e4m3_fast`] (sign to bit 31,
+/// magnitude bits to bits 20–26, then an exact multiply by 2¹²⁰).
+///
+/// # Safety
+/// AVX2 is available and `p` has eight readable bytes.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn decode8(p: *const u8) -> __m256 {
+    // SAFETY: eight readable bytes at p.
+    let b = _mm256_cvtepu8_epi32(unsafe { _mm_loadl_epi64(p.cast()) });
+    let sign = _mm256_slli_epi32::<24>(_mm256_and_si256(b, _mm256_set1_epi32(0x80)));
+    let mag = _mm256_slli_epi32::<20>(_mm256_and_si256(b, _mm256_set1_epi32(0x7F)));
+    let two_120 = _mm256_castsi256_ps(_mm256_set1_epi32((127 + 120) << 23));
+    _mm256_mul_ps(_mm256_castsi256_ps(_mm256_or_si256(sign, mag)), two_120)
+}
+
+/// The parent module's 16-lane halving tree on lanes `lo` (0–7) and `hi` (8–15).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn reduce16(lo: __m256, hi: __m256) -> f32 {
+    let s8 = _mm256_add_ps(lo, hi); // v[l] += v[l + 8]
+    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8)); // v[l] += v[l + 4]
+    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // v[l] += v[l + 2]
+    _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))) // v[0] += v[1]
+}
+
+/// Columns `[j0, j1)` of `x[1, k] · W[n, k]ᵀ` (codes `[n, k]`, row scales `[n]`).
+///
+/// # Safety
+/// AVX2 and FMA are available; `dst` points to an `n`-element buffer of which no other thread
+/// writes `[j0, j1)`; `codes` holds `n·k` bytes with `j1 <= n`, `x` holds `k` values.
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn fp8_decode_avx2(
+    x: &[f32],
+    codes: &[u8],
+    scales: &[f32],
+    k: usize,
+    j0: usize,
+    j1: usize,
+    dst: SharedOut,
+) {
+    let full = k / LANES * LANES;
+    let (xp, cp) = (x.as_ptr(), codes.as_ptr());
+    let mut j = j0;
+    while j < j1 {
+        let rows = (j1 - j).min(ROWS);
+        let mut acc = [[_mm256_setzero_ps(); 2]; ROWS];
+        let mut c = 0;
+        while c < full {
+            // The next tile's rows, one cache line per row every four chunks: a 1 KiB row
+            // ends before the hardware prefetcher ramps up on it. Never dereferenced.
+            if c % 64 == 0 {
+                for t in 0..ROWS {
+                    _mm_prefetch::<_MM_HINT_T0>(cp.wrapping_add((j + ROWS + t) * k + c).cast());
+                }
+            }
+            // SAFETY: c + 16 <= k.
+            let (x0, x1) = unsafe { (_mm256_loadu_ps(xp.add(c)), _mm256_loadu_ps(xp.add(c + 8))) };
+            for (t, a) in acc.iter_mut().enumerate().take(rows) {
+                // SAFETY: row j + t < j1 <= n, and c + 16 <= k within it.
+                let (w0, w1) = unsafe {
+                    let r = cp.add((j + t) * k + c);
+                    (decode8(r), decode8(r.add(8)))
+                };
+                a[0] = _mm256_fmadd_ps(x0, w0, a[0]);
+                a[1] = _mm256_fmadd_ps(x1, w1, a[1]);
+            }
+            c += LANES;
+        }
+        for (t, a) in acc.iter().enumerate().take(rows) {
+            let row = j + t;
+            let mut tail = 0.0f32;
+            for p in full..k {
+                tail = x[p].mul_add(e4m3_fast(codes[row * k + p]), tail);
+            }
+            // SAFETY: column `row` lies in this task's block.
+            unsafe { *dst.0.add(row) = (reduce16(a[0], a[1]) + tail) * scales[row] };
+        }
+        j += rows;
+    }
+}
