@@ -1,4 +1,5 @@
-//! `herd quantize`: convert a float checkpoint's routed experts to FP8 or int4, offline.
+//! `herd quantize`: convert a float checkpoint's routed experts (or, with
+//! [`QuantScope::AllLinear`], every text nn.Linear but the router) to FP8 or int4, offline.
 //!
 //! The output is one `model.safetensors` that herd memory-maps as is (no conversion at load):
 //! - routed experts, fused (`experts.gate_up_proj` `[E, H, 2I]`, `experts.down_proj`
@@ -7,8 +8,11 @@
 //!   layout of Meta's FP8 release:
 //!   - FP8: `.weight` F8_E4M3 and `.weight_scale` F32 `[out, 1]`;
 //!   - int4: `.weight_packed` U8 `[out, ceil(in/2)]` and `.weight_scale` F32 `[out, ceil(in/128)]`;
-//! - every other tensor (attention, router, shared expert, dense FFNs, norms, embeddings,
-//!   lm_head) is copied byte for byte in its stored dtype, as Meta's release keeps them bf16.
+//! - with [`QuantScope::AllLinear`], the attention projections, dense and shared-expert MLPs
+//!   and lm_head are quantized in place under their own names (same suffixes);
+//! - every other tensor (router, norms, embeddings, and with the default scope attention,
+//!   shared expert, dense FFNs and lm_head) is copied byte for byte in its stored dtype, as
+//!   Meta's release keeps them bf16.
 //!
 //! Every other file of the input directory (tokenizer, chat template, generation config, …)
 //! is copied; `config.json` gains a top-level `quantization_config`
@@ -18,7 +22,7 @@
 //! tensor in f32 whatever the model size.
 
 use crate::model::checkpoint::{Checkpoint, CheckpointError, StoredDtype, TensorSlice};
-use crate::model::quant_config::{self, WeightQuant};
+use crate::model::quant_config::{self, QuantScope, WeightQuant};
 use half::{bf16, f16};
 use herd_kernels::quant::{self as q, QuantError};
 use rayon::prelude::*;
@@ -97,7 +101,12 @@ enum Part {
 }
 
 /// Convert the checkpoint in `input` into `output` (created if missing).
-pub fn quantize_checkpoint(input: &Path, output: &Path, format: WeightQuant) -> Result<QuantizeSummary, QuantizeError> {
+pub fn quantize_checkpoint(
+    input: &Path,
+    output: &Path,
+    format: WeightQuant,
+    scope: QuantScope,
+) -> Result<QuantizeSummary, QuantizeError> {
     let config_path = input.join("config.json");
     let text = fs::read_to_string(&config_path).map_err(io(format!("reading {}", config_path.display())))?;
     let mut config: serde_json::Value = serde_json::from_str(&text)
@@ -111,7 +120,7 @@ pub fn quantize_checkpoint(input: &Path, output: &Path, format: WeightQuant) -> 
         });
     }
     let ckpt = Checkpoint::open(input)?;
-    let jobs = plan(&ckpt)?;
+    let jobs = plan(&ckpt, scope)?;
     let entries: Vec<Entry> = jobs.iter().flat_map(|j| entries(j, format)).collect();
 
     fs::create_dir_all(output).map_err(io(format!("creating {}", output.display())))?;
@@ -123,7 +132,7 @@ pub fn quantize_checkpoint(input: &Path, output: &Path, format: WeightQuant) -> 
     let weights = output.join("model.safetensors");
     let weight_bytes = write_weights(&weights, &jobs, &entries, format)?;
 
-    config["quantization_config"] = quant_config::config_block(format);
+    config["quantization_config"] = quant_config::config_block(format, scope);
     let mut json = serde_json::to_string_pretty(&config)
         .map_err(|e| QuantizeError::Config { path: out_config.clone(), message: e.to_string() })?;
     json.push('\n');
@@ -132,8 +141,8 @@ pub fn quantize_checkpoint(input: &Path, output: &Path, format: WeightQuant) -> 
     Ok(QuantizeSummary { quantized, copied: jobs.len() - quantized, weight_bytes, input_bytes: ckpt.data_bytes() })
 }
 
-/// Which tensors are routed experts (and how to cut them), in name order.
-fn plan(ckpt: &Checkpoint) -> Result<Vec<Job>, QuantizeError> {
+/// Which tensors are quantized (and how routed experts are cut), in name order.
+fn plan(ckpt: &Checkpoint, scope: QuantScope) -> Result<Vec<Job>, QuantizeError> {
     let mut jobs = Vec::new();
     for name in ckpt.names() {
         let t = ckpt.get(name).expect("listed");
@@ -152,7 +161,9 @@ fn plan(ckpt: &Checkpoint) -> Result<Vec<Job>, QuantizeError> {
                 let out_prefix = format!("{prefix}.experts.{e}.down_proj");
                 jobs.push(Job::Expert { src: t.clone(), e, part: Part::FusedDown, out_prefix, out: h, inp: i });
             }
-        } else if is_per_expert_linear(name) && t.shape.len() == 2 {
+        } else if t.shape.len() == 2
+            && (is_per_expert_linear(name) || (scope == QuantScope::AllLinear && is_text_linear(name)))
+        {
             let out_prefix = name.strip_suffix(".weight").expect("checked").to_owned();
             let (out, inp) = (t.shape[0], t.shape[1]);
             jobs.push(Job::Expert { src: t, e: 0, part: Part::Linear, out_prefix, out, inp });
@@ -175,6 +186,24 @@ fn is_per_expert_linear(name: &str) -> bool {
     let Some((head, proj)) = rest.rsplit_once('.') else { return false };
     let Some((head, e)) = head.rsplit_once('.') else { return false };
     matches!(proj, "gate_proj" | "up_proj" | "down_proj") && e.parse::<usize>().is_ok() && head.ends_with(".experts")
+}
+
+/// A text-model nn.Linear other than a routed expert or the router: attention projections,
+/// dense and shared-expert MLPs, lm_head.
+fn is_text_linear(name: &str) -> bool {
+    const SUFFIXES: [&str; 7] = [
+        ".self_attn.q_proj.weight",
+        ".self_attn.k_proj.weight",
+        ".self_attn.v_proj.weight",
+        ".self_attn.o_proj.weight",
+        ".gate_proj.weight",
+        ".up_proj.weight",
+        ".down_proj.weight",
+    ];
+    let text = !name.contains("vision") && !name.contains("multi_modal") && !name.contains(".experts.");
+    text && (name == "lm_head.weight"
+        || name.ends_with(".lm_head.weight")
+        || SUFFIXES.iter().any(|s| name.ends_with(s)))
 }
 
 fn entries(job: &Job, format: WeightQuant) -> Vec<Entry> {

@@ -1,4 +1,4 @@
-//! `herd quantize`: convert a float checkpoint's routed experts to FP8 or int4.
+//! `herd quantize`: convert a float checkpoint's routed experts (or all its linear layers) to FP8 or int4.
 //!
 //! The work is [`herd_worker::quantize::quantize_checkpoint`]; this module parses the
 //! arguments, refuses a non-empty output directory unless `--force`, and prints a summary.
@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, bail};
-use herd_worker::model::quant_config::WeightQuant;
+use herd_worker::model::quant_config::{QuantScope, WeightQuant};
 use herd_worker::quantize;
 
 /// The weight format of the routed experts.
@@ -28,11 +28,33 @@ impl From<QuantFormat> for WeightQuant {
     }
 }
 
+/// Which weights are quantized.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QuantizeScope {
+    /// Routed experts only (Meta's FP8 release; everything else stays in its float dtype).
+    #[default]
+    Experts,
+    /// Every text nn.Linear but the router: attention, dense and shared MLPs, experts, lm_head.
+    AllLinear,
+}
+
+impl From<QuantizeScope> for QuantScope {
+    fn from(s: QuantizeScope) -> Self {
+        match s {
+            QuantizeScope::Experts => QuantScope::Experts,
+            QuantizeScope::AllLinear => QuantScope::AllLinear,
+        }
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct QuantizeArgs {
-    /// Target format of the routed experts (everything else is copied unchanged).
+    /// Target format of the quantized weights.
     #[arg(long, value_enum)]
     pub format: QuantFormat,
+    /// Which weights to quantize (the rest is copied unchanged).
+    #[arg(long, value_enum, default_value_t)]
+    pub scope: QuantizeScope,
     /// Input checkpoint directory (f32, bf16 or f16 weights).
     #[arg(long = "in")]
     pub input: PathBuf,
@@ -52,12 +74,13 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
         bail!("--in and --out must be different directories");
     }
     let started = Instant::now();
-    let s = quantize::quantize_checkpoint(&args.input, &args.out, args.format.into())
+    let s = quantize::quantize_checkpoint(&args.input, &args.out, args.format.into(), args.scope.into())
         .with_context(|| format!("quantizing {} into {}", args.input.display(), args.out.display()))?;
     println!(
-        "wrote {} ({:?} experts) in {:.1} s: {} expert matrices quantized, {} tensors copied, {:.1} MiB of weights (input {:.1} MiB)",
+        "wrote {} ({:?}, {:?}) in {:.1} s: {} matrices quantized, {} tensors copied, {:.1} MiB of weights (input {:.1} MiB)",
         args.out.display(),
         args.format,
+        args.scope,
         started.elapsed().as_secs_f64(),
         s.quantized,
         s.copied,

@@ -15,12 +15,12 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Load `{prefix}.gate_proj.weight` etc.
+    /// Load `{prefix}.gate_proj` etc., float or quantized (see [`WeightLoader::linear`]).
     pub fn load(w: &WeightLoader<'_>, prefix: &str, hidden: usize, width: usize) -> Result<Self, ModelError> {
         Ok(Self {
-            gate: w.weight(&format!("{prefix}.gate_proj.weight"), &[width, hidden])?,
-            up: w.weight(&format!("{prefix}.up_proj.weight"), &[width, hidden])?,
-            down: w.weight(&format!("{prefix}.down_proj.weight"), &[hidden, width])?,
+            gate: w.linear(&format!("{prefix}.gate_proj"), width, hidden)?,
+            up: w.linear(&format!("{prefix}.up_proj"), width, hidden)?,
+            down: w.linear(&format!("{prefix}.down_proj"), hidden, width)?,
             width,
         })
     }

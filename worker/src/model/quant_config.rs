@@ -66,8 +66,34 @@ pub fn parse(q: &Value) -> Result<WeightQuant, String> {
     }
 }
 
-/// The `quantization_config` block herd writes for `quant` (routed experts quantized only).
-pub fn config_block(quant: WeightQuant) -> Value {
+/// Which nn.Linear weights a quantized checkpoint holds in the quantized format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum QuantScope {
+    /// Routed experts only, as Meta's FP8 release (everything else stays bf16).
+    #[default]
+    Experts,
+    /// Every nn.Linear of the text model but the router: attention, dense and shared MLPs,
+    /// routed experts and lm_head (what llama.cpp's Q8_0 or vLLM's `--quantization fp8` do).
+    /// Embeddings, norms and the router stay in their float dtype.
+    AllLinear,
+}
+
+/// The `quantization_config` block herd writes for `quant` over `scope`.
+pub fn config_block(quant: WeightQuant, scope: QuantScope) -> Value {
+    let mut block = experts_block(quant);
+    if scope == QuantScope::AllLinear {
+        match quant {
+            WeightQuant::Fp8Channel => {
+                block["ignore"] = json!(["re:.*router.*", "re:.*embed_tokens", "re:.*vision.*", "re:.*multi_modal.*"])
+            }
+            WeightQuant::Int4Group => block["modules"] = json!("every text nn.Linear but the router"),
+        }
+    }
+    block
+}
+
+/// The block for routed experts only.
+fn experts_block(quant: WeightQuant) -> Value {
     match quant {
         WeightQuant::Fp8Channel => json!({
             "quant_method": "compressed-tensors",
@@ -110,7 +136,9 @@ mod tests {
     #[test]
     fn written_blocks_parse_back() {
         for q in [WeightQuant::Fp8Channel, WeightQuant::Int4Group] {
-            assert_eq!(parse(&config_block(q)), Ok(q));
+            for scope in [QuantScope::Experts, QuantScope::AllLinear] {
+                assert_eq!(parse(&config_block(q, scope)), Ok(q));
+            }
         }
     }
 
@@ -118,7 +146,7 @@ mod tests {
     fn unknown_schemes_are_refused_with_their_name() {
         let e = parse(&json!({"quant_method": "fbgemm_fp8"})).expect_err("fbgemm");
         assert!(e.contains("fbgemm_fp8"), "{e}");
-        let mut int4ct = config_block(WeightQuant::Fp8Channel);
+        let mut int4ct = config_block(WeightQuant::Fp8Channel, QuantScope::Experts);
         int4ct["config_groups"]["group_0"]["weights"]["num_bits"] = json!(4);
         int4ct["config_groups"]["group_0"]["weights"]["type"] = json!("int");
         assert!(parse(&int4ct).is_err());

@@ -77,7 +77,7 @@ pub struct TextModel {
 /// Where the text weights live for each architecture (transformers renamed the
 /// multimodal prefix between versions, so every known spelling is tried).
 const TEXT_PREFIXES: [&str; 4] = ["language_model.model.", "model.language_model.", "model.", ""];
-const LM_HEAD_NAMES: [&str; 2] = ["language_model.lm_head.weight", "lm_head.weight"];
+const LM_HEAD_PREFIXES: [&str; 2] = ["language_model.lm_head", "lm_head"];
 
 impl TextModel {
     /// Load config and weights from a checkpoint directory.
@@ -130,16 +130,16 @@ impl TextModel {
                 spec: *spec,
                 input_norm: w.vector_f32(&format!("{p}.input_layernorm.weight"), h)?,
                 post_norm: w.vector_f32(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                q: w.weight(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?,
-                k: w.weight(&format!("{p}.self_attn.k_proj.weight"), &[kvd, h])?,
-                v: w.weight(&format!("{p}.self_attn.v_proj.weight"), &[kvd, h])?,
-                o: w.weight(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?,
+                q: w.linear(&format!("{p}.self_attn.q_proj"), qd, h)?,
+                k: w.linear(&format!("{p}.self_attn.k_proj"), kvd, h)?,
+                v: w.linear(&format!("{p}.self_attn.v_proj"), kvd, h)?,
+                o: w.linear(&format!("{p}.self_attn.o_proj"), h, qd)?,
                 ffn,
             });
         }
         let norm = w.vector_f32(&format!("{prefix}norm.weight"), h)?;
-        let lm_head = match LM_HEAD_NAMES.iter().find(|n| ckpt.contains(n)) {
-            Some(name) => Some(w.weight(name, &[v, h])?),
+        let lm_head = match LM_HEAD_PREFIXES.iter().find(|n| ckpt.contains(&format!("{n}.weight"))) {
+            Some(name) => Some(w.linear(name, v, h)?),
             None if config.tie_word_embeddings => None,
             None => {
                 return Err(ModelError::MissingTensor { name: "lm_head.weight".into(), dir: ckpt.dir().to_path_buf() });

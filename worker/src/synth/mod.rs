@@ -435,7 +435,8 @@ pub fn write_checkpoint(opts: &SynthOptions, out: &Path) -> Result<SynthSummary,
     // config.json last: a directory with a config.json is a complete checkpoint.
     let mut config_json = config::config_json(&cfg, opts.dtype);
     if opts.format == SynthFormat::Fp8 {
-        config_json["quantization_config"] = quant_config::config_block(WeightQuant::Fp8Channel);
+        config_json["quantization_config"] =
+            quant_config::config_block(WeightQuant::Fp8Channel, quant_config::QuantScope::Experts);
     }
     outputs.put_json("config.json", &config_json)?;
 
