@@ -150,7 +150,7 @@ pub(crate) unsafe fn fp8_cols(
     assert_eq!(scales.len(), n, "fp8 matmul: scales");
     #[cfg(target_arch = "x86_64")]
     if m == 1 && matches!(isa, Isa::Avx2Fma | Isa::Avx512) {
-        // SAFETY: AVX2 and FMA were detected at run time; the rest is forwarded.
+        // SAFETY: AVX2, FMA and F16C were detected at run time; the rest is forwarded.
         return unsafe { fp8_decode::fp8_decode_avx2(x, codes, scales, k, j0, j1, dst) };
     }
     // SAFETY: forwarded from the caller.
