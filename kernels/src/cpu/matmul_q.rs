@@ -257,22 +257,49 @@ unsafe fn block<Q: QuantRows, const FMA: bool>(
         }
         return;
     }
+    // Batches: each pair of weight rows is decoded once into f32 and reused by every
+    // activation row (decoding per 4-row tile made the batch cost several decodes per weight).
+    let mut decoded = vec![0.0f32; 2 * k]; // [2, k]
     let mut j = j0;
     while j < j1 {
         let two = j + 2 <= j1;
+        decode_rows(q, j, if two { 2 } else { 1 }, k, &mut decoded);
+        #[cfg(target_arch = "x86_64")]
+        if FMA && two {
+            let mut i = 0;
+            while i < m {
+                let store = |a: usize, row: [f32; 2]| {
+                    put(i + a, j, q.finish(j, row[0]));
+                    put(i + a, j + 1, q.finish(j + 1, row[1]));
+                };
+                // SAFETY: `FMA` is only set on the AVX2+FMA path (`block_avx2`); rows exist.
+                if i + 2 <= m {
+                    let r = unsafe { batch_avx2::dots_2rows::<2>([xr(i), xr(i + 1)], &decoded, k) };
+                    store(0, r[0]);
+                    store(1, r[1]);
+                    i += 2;
+                } else {
+                    store(0, unsafe { batch_avx2::dots_2rows::<1>([xr(i)], &decoded, k) }[0]);
+                    i += 1;
+                }
+            }
+            j += 2;
+            continue;
+        }
+        let q = Decoded { q, j0: j, w: &decoded, k };
         let mut i = 0;
         while i < m {
             let rows = (m - i).min(4);
             macro_rules! tile {
                 ($mr:literal, $xs:expr) => {{
                     if two {
-                        let r = tile::<Q, $mr, 2, FMA>(q, $xs, [j, j + 1]);
+                        let r = tile::<_, $mr, 2, FMA>(q, $xs, [j, j + 1]);
                         for (a, row) in r.iter().enumerate() {
                             put(i + a, j, row[0]);
                             put(i + a, j + 1, row[1]);
                         }
                     } else {
-                        let r = tile::<Q, $mr, 1, FMA>(q, $xs, [j]);
+                        let r = tile::<_, $mr, 1, FMA>(q, $xs, [j]);
                         for (a, row) in r.iter().enumerate() {
                             put(i + a, j, row[0]);
                         }
@@ -289,6 +316,50 @@ unsafe fn block<Q: QuantRows, const FMA: bool>(
         }
         j += if two { 2 } else { 1 };
     }
+}
+
+/// Weight rows `j0..j0 + rows` of `q`, decoded: exactly the values of `q.chunk` / `q.elem`.
+fn decode_rows<Q: QuantRows>(q: Q, j0: usize, rows: usize, k: usize, out: &mut [f32]) {
+    let full = k / LANES * LANES;
+    for r in 0..rows {
+        let row = &mut out[r * k..(r + 1) * k];
+        for (c, chunk) in row[..full].as_chunks_mut::<LANES>().0.iter_mut().enumerate() {
+            q.chunk(j0 + r, c, chunk);
+        }
+        for (p, v) in row.iter_mut().enumerate().skip(full) {
+            *v = q.elem(j0 + r, p);
+        }
+    }
+}
+
+/// Rows of `Q` already decoded by [`decode_rows`] (rows `j0..`), finished as `Q` finishes them.
+#[derive(Clone, Copy)]
+struct Decoded<'a, Q> {
+    q: Q,
+    j0: usize,
+    w: &'a [f32], // [rows, k]
+    k: usize,
+}
+
+impl<Q: QuantRows> QuantRows for Decoded<'_, Q> {
+    #[inline(always)]
+    fn chunk(&self, j: usize, c: usize, out: &mut [f32; LANES]) {
+        let at = (j - self.j0) * self.k + c * LANES;
+        out.copy_from_slice(&self.w[at..at + LANES]);
+    }
+
+    #[inline(always)]
+    fn elem(&self, j: usize, p: usize) -> f32 {
+        self.w[(j - self.j0) * self.k + p]
+    }
+
+    #[inline(always)]
+    fn finish(&self, j: usize, dot: f32) -> f32 {
+        self.q.finish(j, dot)
+    }
+
+    #[inline(always)]
+    fn prefetch(&self, _j: usize, _c: usize) {}
 }
 
 /// Dot products of `MR` activation rows with weight rows `js`.
@@ -362,6 +433,8 @@ fn reduce_lanes(mut v: [f32; LANES]) -> f32 {
     v[0]
 }
 
+#[cfg(target_arch = "x86_64")]
+mod batch_avx2;
 #[cfg(target_arch = "x86_64")]
 mod fp8_decode;
 #[cfg(test)]
