@@ -263,7 +263,7 @@ impl Scheduler {
                 s.cancel(id);
             }
         });
-        let request = Request { id, prompt, params, prompt_logits: false };
+        let request = Request { id, prompt, params, prompt_logits: false, images: Vec::new() };
         send(&inner, worker, ToWorker::Submit(request.clone()));
         inner.routes.insert(id, Route { worker, events, got_token: false, request, retries: 0 });
         Ok(stream)

@@ -291,7 +291,7 @@ impl InferenceService for LocalService {
         let (events, stream) = EventStream::channel(move || {
             let _ = cancel.send(Command::Cancel(id));
         });
-        let request = Request { id, prompt, params, prompt_logits: false };
+        let request = Request { id, prompt, params, prompt_logits: false, images: Vec::new() };
         if self.commands.send(Command::Submit { request, events }).is_err() {
             self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(ServiceError::Unavailable { reason: "the engine thread has stopped".into(), retry_after_s: 5 });
