@@ -150,7 +150,12 @@ impl Scripted {
 }
 
 impl InferenceService for Scripted {
-    fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<EventStream, ServiceError> {
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        _images: Vec<herd_worker::vision::PixelValues>,
+        params: SamplingParams,
+    ) -> Result<EventStream, ServiceError> {
         let mut submitted = self.submitted.lock().expect("lock");
         submitted.push((prompt, params));
         (self.script)(submitted.len() - 1)
