@@ -111,7 +111,7 @@ mod tests {
     }
 
     #[test]
-    fn decodes_gif_and_jpeg() {
+    fn decodes_gif_jpeg_and_webp() {
         let img = RgbaImage::from_fn(4, 4, |x, _| image::Rgba([x as u8 * 60, 0, 0, 255]));
         let mut gif = Vec::new();
         DynamicImage::ImageRgba8(img.clone()).write_to(&mut Cursor::new(&mut gif), ImageFormat::Gif).expect("gif");
@@ -121,6 +121,12 @@ mod tests {
             .write_image(DynamicImage::ImageRgba8(img).to_rgb8().as_raw(), 4, 4, image::ExtendedColorType::Rgb8)
             .expect("jpeg");
         assert_eq!(decode(&jpeg, &DecodeLimits::default()).expect("jpeg decodes").height, 4);
+        // WebP (lossless) decodes to the exact pixels.
+        let rgb = RgbImage::from_fn(3, 2, |x, y| image::Rgb([x as u8 * 80, y as u8 * 200, 7]));
+        let mut webp = Vec::new();
+        DynamicImage::ImageRgb8(rgb).write_to(&mut Cursor::new(&mut webp), ImageFormat::WebP).expect("webp");
+        let decoded = decode(&webp, &DecodeLimits::default()).expect("webp decodes");
+        assert_eq!(decoded.planar, vec![0, 80, 160, 0, 80, 160, 0, 0, 0, 200, 200, 200, 7, 7, 7, 7, 7, 7]);
     }
 
     #[test]
