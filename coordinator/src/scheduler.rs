@@ -15,6 +15,7 @@ use crate::cluster::{ClusterState, Verdict, WorkerId};
 use herd_worker::control::{Assignment, ToWorker, WorkerStatus, make_request_id};
 use herd_worker::engine::request::{Event, Rejection, Request, RequestId};
 use herd_worker::engine::sampler::SamplingParams;
+use herd_worker::vision::PixelValues;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -252,7 +253,12 @@ impl Scheduler {
             .collect()
     }
 
-    fn submit_arc(self: &Arc<Self>, prompt: Vec<u32>, params: SamplingParams) -> Result<EventStream, ServiceError> {
+    fn submit_arc(
+        self: &Arc<Self>,
+        prompt: Vec<u32>,
+        images: Vec<PixelValues>,
+        params: SamplingParams,
+    ) -> Result<EventStream, ServiceError> {
         let mut inner = self.lock();
         let worker = pick(&inner, None)?;
         inner.next_seq += 1;
@@ -263,7 +269,7 @@ impl Scheduler {
                 s.cancel(id);
             }
         });
-        let request = Request { id, prompt, params, prompt_logits: false };
+        let request = Request { id, prompt, params, prompt_logits: false, images };
         send(&inner, worker, ToWorker::Submit(request.clone()));
         inner.routes.insert(id, Route { worker, events, got_token: false, request, retries: 0 });
         Ok(stream)
@@ -353,8 +359,13 @@ fn fail_or_retry(inner: &mut Inner, id: RequestId, error: String) {
 pub struct ClusterService(pub Arc<Scheduler>);
 
 impl InferenceService for ClusterService {
-    fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<EventStream, ServiceError> {
-        self.0.submit_arc(prompt, params)
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        images: Vec<PixelValues>,
+        params: SamplingParams,
+    ) -> Result<EventStream, ServiceError> {
+        self.0.submit_arc(prompt, images, params)
     }
 
     fn health(&self) -> Health {

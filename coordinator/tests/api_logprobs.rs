@@ -20,7 +20,9 @@ fn first_step_logprobs(ids: Vec<u32>) -> Vec<f64> {
     let frontend = frontend();
     let mut engine = engine(&frontend, 64 << 20);
     let params = greedy(1);
-    engine.submit(EngineRequest { id: 1, prompt: ids, params, prompt_logits: true }).expect("submit");
+    engine
+        .submit(EngineRequest { id: 1, prompt: ids, params, prompt_logits: true, images: Vec::new() })
+        .expect("submit");
     loop {
         for event in engine.step().expect("step").0 {
             if let Event::PromptLogits { last_logits, .. } = event {

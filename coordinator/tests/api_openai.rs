@@ -311,7 +311,7 @@ async fn chat_client_mistakes_are_4xx_in_the_envelope() {
             bad,
             Some("messages"),
             None,
-            "images are not supported yet",
+            "does not accept images",
         ),
         (
             json!({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
@@ -635,7 +635,7 @@ async fn the_local_service_refuses_past_max_in_flight() {
     let ids = chat_ids(&frontend, "Busy");
     let mut params = greedy(4000);
     params.ignore_eos = true;
-    let mut busy = service.submit(ids, params).expect("the first request fits");
+    let mut busy = service.submit(ids, Vec::new(), params).expect("the first request fits");
     busy.admitted().await.expect("admitted");
     let (status, headers, text) = send(&state, post("/v1/chat/completions", &chat("Hi", json!({})))).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");

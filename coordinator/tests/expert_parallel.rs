@@ -114,7 +114,8 @@ fn killing_a_worker_mid_generation_fails_the_others_within_the_deadline() {
     for rank in 0..3 {
         let params =
             SamplingParams { temperature: 0.0, max_tokens: 20_000, ignore_eos: true, ..SamplingParams::default() };
-        let req = Request { id: rank as u64, prompt: vec![10, 20, 30], params, prompt_logits: false };
+        let req =
+            Request { id: rank as u64, prompt: vec![10, 20, 30], params, prompt_logits: false, images: Vec::new() };
         cluster.send(rank, &Command::Submit(req)).expect("submit");
     }
     // Let every request produce tokens, then kill worker 1.

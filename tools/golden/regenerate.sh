@@ -27,4 +27,8 @@ SMALL=(--vocab 384 --expert-width 16 --dense-width 48)
 "$PY" "$GEN" --shape scout --seed 4 "${SMALL[@]}" --layers 4 --high-freq-factor 1 --arch causal \
     --dtype float32 --config-layout v5 --out "$OUT/scout-v5"
 
+# Multimodal: Llama4ForConditionalGeneration with a tiny vision tower (tile 28, patch 7, pixel shuffle 0.5),
+# f32, three synthetic PNG images (1x3 canvas + global tile, a single tile, a downscaled 3x1 canvas + global tile).
+"$PY" tools/golden/make_golden_vision.py --seed 14 --out "$OUT/vision"
+
 du -sh "$OUT"/*

@@ -253,6 +253,11 @@ fn run_group(
         config.engine.clone(),
     )
     .map_err(|e| format!("starting the engine: {e}"))?;
+    if let Some((vision, patch)) =
+        config.frontend.load_vision(config.dtype).map_err(|e| format!("loading the vision tower: {e}"))?
+    {
+        engine.enable_vision(Arc::new(vision), patch);
+    }
     let listener = config.listener.try_clone().map_err(|e| format!("data-plane listener: {e}"))?;
     let deadline = Instant::now() + Duration::from_millis(a.step_timeout_ms.max(10_000));
     let transport = TcpTransport::connect(a.rank, a.members.len(), &a.members, listener, config.tcp.clone(), deadline)

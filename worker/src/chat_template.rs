@@ -555,6 +555,9 @@ mod tests {
                 let name = &prompt["name"];
                 let want =
                     expected_prompts.iter().find(|p| p["name"] == *name).expect("expected.json has every prompt");
+                if want.get("pixel_values_bf16_bits").is_some() {
+                    continue; // image prompts expand <|image|>: checked by worker/tests/vision_preprocess.rs
+                }
                 let ids = if let Some(messages) = prompt.get("messages").and_then(Json::as_array) {
                     let template = template.as_ref().expect("golden checkpoint has a chat template");
                     let agp = prompt.get("add_generation_prompt").and_then(Json::as_bool).unwrap_or(true);

@@ -239,6 +239,7 @@ mod tests {
                 prompt: vec![1, 2],
                 params: SamplingParams::default(),
                 prompt_logits: true,
+                images: Vec::new(),
             }),
             Command::Cancel { id: 7 },
             Command::Shutdown,

@@ -11,6 +11,8 @@ use crate::model::config::{GenerationConfig, ModelConfig};
 use crate::model::text::TextModel;
 use crate::model::weights::ComputeDtype;
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::vision::encoder::VisionModel;
+use crate::vision::{VisionError, VisionFrontend};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -25,6 +27,8 @@ pub enum LoadError {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     ChatTemplate(#[from] ChatTemplateError),
+    #[error(transparent)]
+    Vision(#[from] VisionError),
 }
 
 /// A checkpoint's config, tokenizer, chat template and generation defaults.
@@ -36,6 +40,8 @@ pub struct Frontend {
     /// `None` when the checkpoint ships no chat template (base models).
     pub chat_template: Option<ChatTemplate>,
     pub generation: GenerationConfig,
+    /// The image processor and token geometry; `None` for a text-only checkpoint.
+    pub vision: Option<VisionFrontend>,
 }
 
 impl Frontend {
@@ -49,8 +55,18 @@ impl Frontend {
         let generation = GenerationConfig::from_dir(dir).map_err(ModelError::from)?;
         let tokenizer = Tokenizer::from_dir(dir)?;
         let chat_template = ChatTemplate::from_dir(dir)?;
-        Checkpoint::open(dir).map_err(ModelError::from)?;
-        Ok(Self { dir: dir.to_path_buf(), config, tokenizer: Arc::new(tokenizer), chat_template, generation })
+        let ckpt = Checkpoint::open(dir).map_err(ModelError::from)?;
+        // A conditional checkpoint without usable vision weights or settings runs as text only
+        // (image requests are then refused); the text path must not depend on the tower.
+        let vision = match VisionModel::present(&ckpt).then(|| VisionFrontend::load(dir, &tokenizer)) {
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(v))) => Some(v),
+            Some(Err(e)) => {
+                tracing::warn!("{}: images disabled: {e}", dir.display());
+                None
+            }
+        };
+        Ok(Self { dir: dir.to_path_buf(), config, tokenizer: Arc::new(tokenizer), chat_template, generation, vision })
     }
 
     /// Load the text model's weights; `local_experts` (MoE layer → experts) restricts the
@@ -62,6 +78,15 @@ impl Frontend {
     ) -> Result<TextModel, LoadError> {
         let ckpt = Checkpoint::open(&self.dir).map_err(ModelError::from)?;
         Ok(TextModel::from_checkpoint(&ckpt, &self.config.text, compute, local_experts)?)
+    }
+
+    /// Load the vision tower and projector, with the prompt token their rows replace; `None`
+    /// for a text-only checkpoint.
+    pub fn load_vision(&self, compute: ComputeDtype) -> Result<Option<(VisionModel, u32)>, LoadError> {
+        let Some(v) = &self.vision else { return Ok(None) };
+        let ckpt = Checkpoint::open(&self.dir).map_err(ModelError::from)?;
+        let model = VisionModel::load(&ckpt, &v.config, compute)?;
+        Ok(Some((model, self.config.image_token_id.unwrap_or(v.tokens.patch))))
     }
 
     /// A hash of config.json (FNV-1a, 64 bits, hex): workers and coordinators compare it so

@@ -22,6 +22,9 @@
 //! - [`synth`]: random-weight checkpoints in the Hugging Face layout (presets tiny,
 //!   scout-mini, maverick-mini) so that nothing needs a download.
 //! - [`transport`]: the data plane's collectives (`all_to_all_v`, `barrier`): in-process and TCP (optional mTLS).
+//! - [`vision`]: images in prompts — decoding with size limits, the Llama 4 image processor
+//!   (tiles, torch-exact resize, bf16 normalisation), the image token block, and the vision
+//!   encoder + projector whose rows replace the `<|patch|>` embeddings (early fusion).
 //!
 //! A request flows: text → [`chat_template`] → [`tokenizer`] ids →
 //! [`engine::scheduler::Engine::submit`]. Each engine step runs
@@ -45,3 +48,4 @@ pub mod quantize;
 pub mod synth;
 pub mod tokenizer;
 pub mod transport;
+pub mod vision;

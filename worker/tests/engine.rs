@@ -38,7 +38,13 @@ fn mixed_requests(vocab: usize) -> Vec<Request> {
                 ignore_eos: i % 2 == 0,
                 ..SamplingParams::default()
             };
-            Request { id: i, prompt: prompt(1 + (i as usize * 13) % 70, i, vocab), params, prompt_logits: i % 4 == 0 }
+            Request {
+                id: i,
+                prompt: prompt(1 + (i as usize * 13) % 70, i, vocab),
+                params,
+                prompt_logits: i % 4 == 0,
+                images: Vec::new(),
+            }
         })
         .collect()
 }
@@ -100,19 +106,28 @@ fn a_request_that_can_never_fit_is_rejected_with_a_clear_reason() {
         prompt: prompt(2000, 1, vocab),
         params: SamplingParams { max_tokens: 10, ..SamplingParams::default() },
         prompt_logits: false,
+        images: Vec::new(),
     };
     let err = e.submit(big).expect_err("too large");
     assert!(matches!(err, Rejection::TooLarge { .. }), "{err:?}");
     assert!(err.to_string().contains("KV cache"), "{err}");
-    let bad = Request { id: 2, prompt: vec![vocab as u32], params: SamplingParams::default(), prompt_logits: false };
+    let bad = Request {
+        id: 2,
+        prompt: vec![vocab as u32],
+        params: SamplingParams::default(),
+        prompt_logits: false,
+        images: Vec::new(),
+    };
     assert!(matches!(e.submit(bad), Err(Rejection::TokenOutOfRange { .. })));
-    let empty = Request { id: 3, prompt: vec![], params: SamplingParams::default(), prompt_logits: false };
+    let empty =
+        Request { id: 3, prompt: vec![], params: SamplingParams::default(), prompt_logits: false, images: Vec::new() };
     assert_eq!(e.submit(empty), Err(Rejection::EmptyPrompt));
     let bad_params = Request {
         id: 4,
         prompt: vec![5],
         params: SamplingParams { top_p: 0.0, ..SamplingParams::default() },
         prompt_logits: false,
+        images: Vec::new(),
     };
     assert!(matches!(e.submit(bad_params), Err(Rejection::InvalidParams { .. })));
 }
@@ -125,7 +140,8 @@ fn cancelling_mid_generation_aborts_and_frees_the_cache() {
     for id in 0..3 {
         let params =
             SamplingParams { max_tokens: 1000, ignore_eos: true, temperature: 0.0, ..SamplingParams::default() };
-        e.submit(Request { id, prompt: prompt(20, id, vocab), params, prompt_logits: false }).expect("submit");
+        e.submit(Request { id, prompt: prompt(20, id, vocab), params, prompt_logits: false, images: Vec::new() })
+            .expect("submit");
     }
     for _ in 0..5 {
         e.step().expect("step");
@@ -152,6 +168,7 @@ fn prompt_logits_do_not_depend_on_the_prefill_budget() {
         prompt: prompt(61, 9, vocab),
         params: SamplingParams { temperature: 0.0, max_tokens: 4, ignore_eos: true, ..SamplingParams::default() },
         prompt_logits: true,
+        images: Vec::new(),
     };
     let whole = run_all(&mut engine(&f, EngineConfig::default()), std::slice::from_ref(&req));
     for budget in [1, 7, 16, 33] {

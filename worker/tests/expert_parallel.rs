@@ -45,6 +45,7 @@ fn requests(vocab: u64) -> Vec<Request> {
                 ..Default::default()
             },
             prompt_logits: i % 3 == 0,
+            images: Vec::new(),
         })
         .collect()
 }

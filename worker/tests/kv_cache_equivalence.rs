@@ -20,7 +20,7 @@ fn prefill_all(model: &TextModel, ids: &[u32]) -> Vec<f32> {
     let mut pool = model.new_pool();
     let mut kv = pool.new_seq();
     model
-        .forward(&mut pool, &mut [SeqStep { tokens: ids, kv: &mut kv, logits: LogitsFor::All }])
+        .forward(&mut pool, &mut [SeqStep { tokens: ids, kv: &mut kv, logits: LogitsFor::All, images: None }])
         .expect("forward")
         .remove(0)
 }
@@ -37,14 +37,14 @@ fn check_decode_equals_prefill(case: &str) {
     let mut pool = model.new_pool();
     let mut kv = pool.new_seq();
     let mut rows = model
-        .forward(&mut pool, &mut [SeqStep { tokens: &ids[..split], kv: &mut kv, logits: LogitsFor::All }])
+        .forward(&mut pool, &mut [SeqStep { tokens: &ids[..split], kv: &mut kv, logits: LogitsFor::All, images: None }])
         .expect("prefill")
         .remove(0);
     for t in &ids[split..] {
         let row = model
             .forward(
                 &mut pool,
-                &mut [SeqStep { tokens: std::slice::from_ref(t), kv: &mut kv, logits: LogitsFor::Last }],
+                &mut [SeqStep { tokens: std::slice::from_ref(t), kv: &mut kv, logits: LogitsFor::Last, images: None }],
             )
             .expect("decode")
             .remove(0);
@@ -82,9 +82,9 @@ fn batching_does_not_change_a_sequence() {
         .forward(
             &mut pool,
             &mut [
-                SeqStep { tokens: &a, kv: &mut ka, logits: LogitsFor::Last },
-                SeqStep { tokens: &b, kv: &mut kb, logits: LogitsFor::All },
-                SeqStep { tokens: &c, kv: &mut kc, logits: LogitsFor::None },
+                SeqStep { tokens: &a, kv: &mut ka, logits: LogitsFor::Last, images: None },
+                SeqStep { tokens: &b, kv: &mut kb, logits: LogitsFor::All, images: None },
+                SeqStep { tokens: &c, kv: &mut kc, logits: LogitsFor::None, images: None },
             ],
         )
         .expect("batch");
@@ -117,7 +117,7 @@ fn out_of_vocabulary_ids_are_rejected_before_any_state_changes() {
     let mut kv = pool.new_seq();
     let bad = [1u32, model.config().vocab_size as u32];
     let err = model
-        .forward(&mut pool, &mut [SeqStep { tokens: &bad, kv: &mut kv, logits: LogitsFor::Last }])
+        .forward(&mut pool, &mut [SeqStep { tokens: &bad, kv: &mut kv, logits: LogitsFor::Last, images: None }])
         .expect_err("out of vocabulary");
     assert!(err.to_string().contains("outside the vocabulary"), "{err}");
     assert_eq!(kv.len(), 0);

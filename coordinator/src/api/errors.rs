@@ -163,6 +163,9 @@ impl From<Rejection> for ApiError {
             Rejection::TooLarge { .. } => ApiError::context_length("max_tokens", message),
             Rejection::ShuttingDown | Rejection::NotServing => ApiError::unavailable(&message, 5),
             Rejection::DuplicateId(_) => ApiError::internal(message),
+            Rejection::NoVision | Rejection::ImageTokens { .. } | Rejection::BadImage { .. } => {
+                ApiError::invalid(Some("messages"), message)
+            }
         }
     }
 }

@@ -93,7 +93,7 @@ pub(crate) async fn launch(state: &ApiState, valid: &ValidRequest, arrived: Inst
             // vLLM's rule for parallel sampling: choice j of a seeded request uses seed + j, so
             // the choices differ but the whole response is reproducible.
             params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
-            let events = state.service().submit(prompt.ids.clone(), params)?;
+            let events = state.service().submit(prompt.ids.clone(), prompt.images.clone(), params)?;
             let index = u32::try_from(p * valid.n + j).unwrap_or(u32::MAX);
             pending.push((index, p, prompt.echo.clone(), events));
         }

@@ -7,7 +7,8 @@
 //!    rejections in the OpenAI envelope.
 //! 2. [`chat`] / [`completions`] handlers: [`validation`] turns the body ([`openai`] types) into a
 //!    [`validation::ValidRequest`] on a blocking thread: model name, `n`, limits, the chat template
-//!    and the tokenizer, sampling parameters checked with `SamplingParams::validate`.
+//!    and the tokenizer, sampling parameters checked with `SamplingParams::validate`; chat image
+//!    parts go through [`images`] (limits, decoding, preprocessing, the image token block).
 //! 3. [`generation::launch`]: one [`InferenceService::submit`] per choice, then wait for
 //!    admission ([`EventStream::admitted`]), so that engine refusals are still HTTP errors.
 //! 4. Non-streaming: [`generation::collect`] reads every choice to its end. Streaming:
@@ -25,6 +26,7 @@ mod chat;
 mod completions;
 pub mod errors;
 mod generation;
+mod images;
 mod logprobs;
 pub mod metrics;
 pub mod openai;
@@ -69,10 +71,20 @@ pub struct ApiConfig {
     pub max_n: usize,
     /// Most prompts in one completions request.
     pub max_prompts: usize,
+    /// Largest encoded image (bytes after base64 decoding).
+    pub max_image_bytes: usize,
+    /// Most pixels an image's header may declare (checked before decoding).
+    pub max_image_pixels: u64,
+    /// Most images in one chat request.
+    pub max_images_per_request: usize,
 }
 
 impl ApiConfig {
     pub const DEFAULT_MAX_BODY_BYTES: usize = 4 << 20;
+    pub const DEFAULT_MAX_IMAGE_BYTES: usize = 8 << 20;
+    /// 25 megapixels (e.g. 5000 × 5000): any real photo, far below what a decompression bomb declares.
+    pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 25_000_000;
+    pub const DEFAULT_MAX_IMAGES_PER_REQUEST: usize = 8;
 
     /// Defaults: no key, 4 MiB bodies, prompts and `max_tokens` up to `max_model_len`, `n` ≤ 16,
     /// 64 prompts per completions request.
@@ -86,6 +98,9 @@ impl ApiConfig {
             max_tokens: max_model_len,
             max_n: 16,
             max_prompts: 64,
+            max_image_bytes: Self::DEFAULT_MAX_IMAGE_BYTES,
+            max_image_pixels: Self::DEFAULT_MAX_IMAGE_PIXELS,
+            max_images_per_request: Self::DEFAULT_MAX_IMAGES_PER_REQUEST,
         }
     }
 

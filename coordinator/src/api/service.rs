@@ -13,6 +13,7 @@ use futures::Stream;
 use herd_worker::engine::request::{Event, Rejection, Request, RequestId};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::engine::scheduler::Engine;
+use herd_worker::vision::PixelValues;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,7 +28,13 @@ pub trait InferenceService: Send + Sync + 'static {
     /// (`Finished`/`Aborted`). Refusals known at once are errors here; refusals that only the
     /// engine can make arrive through [`EventStream::admitted`]. Dropping the stream cancels the
     /// request.
-    fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<EventStream, ServiceError>;
+    /// `images` are the prompt's preprocessed images, in the order of its image blocks.
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        images: Vec<PixelValues>,
+        params: SamplingParams,
+    ) -> Result<EventStream, ServiceError>;
     /// For `/health`: ok when every worker is up on the current placement epoch.
     fn health(&self) -> Health;
     /// For the `/metrics` gauges.
@@ -277,7 +284,12 @@ impl Drop for LocalService {
 }
 
 impl InferenceService for LocalService {
-    fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<EventStream, ServiceError> {
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        images: Vec<PixelValues>,
+        params: SamplingParams,
+    ) -> Result<EventStream, ServiceError> {
         if let Some(reason) = self.shared.failure() {
             return Err(ServiceError::Unavailable { reason, retry_after_s: 5 });
         }
@@ -291,7 +303,7 @@ impl InferenceService for LocalService {
         let (events, stream) = EventStream::channel(move || {
             let _ = cancel.send(Command::Cancel(id));
         });
-        let request = Request { id, prompt, params, prompt_logits: false };
+        let request = Request { id, prompt, params, prompt_logits: false, images };
         if self.commands.send(Command::Submit { request, events }).is_err() {
             self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(ServiceError::Unavailable { reason: "the engine thread has stopped".into(), retry_after_s: 5 });

@@ -13,6 +13,7 @@ use herd_worker::engine::logprobs::MAX_TOP_LOGPROBS;
 use herd_worker::engine::sampler::{DEFAULT_MAX_TOKENS, SamplingParams};
 use herd_worker::frontend::Frontend;
 use herd_worker::model::config::GenerationConfig;
+use herd_worker::vision::PixelValues;
 use serde_json::Value;
 
 /// One prompt to run `n` times.
@@ -23,6 +24,8 @@ pub struct ValidPrompt {
     pub echo: Option<String>,
     /// `max_tokens` depends on the prompt's length, so parameters are per prompt.
     pub params: SamplingParams,
+    /// Preprocessed images, in the order of the prompt's image blocks.
+    pub images: Vec<PixelValues>,
 }
 
 /// A request that passed every check: what to run and how to answer.
@@ -62,7 +65,9 @@ pub fn validate_chat(
     let mut base = base_params(&req, &frontend.generation)?;
     base.logprobs = chat_logprobs(&req)?;
     let messages = req.messages.as_ref().ok_or_else(|| ApiError::invalid(Some("messages"), "messages is required"))?;
-    let messages = chat_messages(messages.clone())?;
+    let mut messages = messages.clone();
+    let images = super::images::take_images(config, frontend, &mut messages)?;
+    let messages = chat_messages(messages)?;
     let template = frontend.chat_template.as_ref().ok_or_else(|| {
         ApiError::invalid(Some("messages"), "this model has no chat template; use /v1/completions with a raw prompt")
     })?;
@@ -73,8 +78,10 @@ pub fn validate_chat(
         .tokenizer
         .encode(&rendered, false)
         .map_err(|e| ApiError::internal(format!("tokenizing the rendered chat failed: {e}")))?;
+    let (ids, pixels) = super::images::expand(frontend, &ids, &images)?;
     let requested = req.max_tokens_field();
-    let prompt = valid_prompt(config, Endpoint::Chat, ids, None, &base, requested)?;
+    let mut prompt = valid_prompt(config, Endpoint::Chat, ids, None, &base, requested)?;
+    prompt.images = pixels;
     Ok(ValidRequest { prompts: vec![prompt], n, stream: req.streaming(), include_usage: req.usage() })
 }
 
@@ -324,7 +331,7 @@ fn valid_prompt(
     };
     let params = SamplingParams { max_tokens, ..base.clone() };
     params.validate()?;
-    Ok(ValidPrompt { ids, echo, params })
+    Ok(ValidPrompt { ids, echo, params, images: Vec::new() })
 }
 
 /// Messages as the chat template wants them: `content` lists of text parts joined into one
@@ -357,15 +364,27 @@ fn message_content(i: usize, content: Value) -> Result<Value, ApiError> {
         Value::Null | Value::String(_) => Ok(content),
         Value::Array(parts) => {
             let mut texts = Vec::with_capacity(parts.len());
+            // Image parts (already rewritten to {"type": "image"}) keep the list form, so that
+            // the chat template places `<|image|>` between the texts as transformers does.
+            if parts.iter().any(|p| p.get("type").and_then(Value::as_str) == Some("image")) {
+                for (j, part) in parts.iter().enumerate() {
+                    let ok = match part.get("type").and_then(Value::as_str) {
+                        Some("text") => part.get("text").is_some_and(Value::is_string),
+                        Some("image") => true,
+                        _ => false,
+                    };
+                    if !ok {
+                        return Err(bad(format!("messages[{i}].content[{j}] must be a text or image part")));
+                    }
+                }
+                return Ok(Value::Array(parts));
+            }
             for (j, part) in parts.iter().enumerate() {
                 match part.get("type").and_then(Value::as_str) {
                     Some("text") => match part.get("text").and_then(Value::as_str) {
                         Some(text) => texts.push(text),
                         None => return Err(bad(format!("messages[{i}].content[{j}].text must be a string"))),
                     },
-                    Some("image_url" | "image" | "input_image") => {
-                        return Err(bad("images are not supported yet".into()));
-                    }
                     Some(other) => {
                         return Err(bad(format!(
                             "messages[{i}].content[{j}]: unsupported content part type `{other}`"

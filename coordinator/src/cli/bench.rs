@@ -185,7 +185,7 @@ fn measure(backend: &mut dyn Backend, args: &BenchArgs, vocab: u64, next_id: &mu
         *next_id += 1;
         let prompt =
             (0..args.prompt_tokens as u64).map(|j| ((j * 7919 + id * 104729) % (vocab - 300) + 100) as u32).collect();
-        backend.submit(Request { id, prompt, params: params.clone(), prompt_logits: false })?;
+        backend.submit(Request { id, prompt, params: params.clone(), prompt_logits: false, images: Vec::new() })?;
     }
     let mut open = args.batch;
     while open > 0 {

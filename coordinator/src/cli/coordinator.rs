@@ -98,6 +98,8 @@ pub struct CoordinatorArgs {
     /// Largest API request body in bytes.
     #[arg(long, default_value_t = ApiConfig::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
+    #[command(flatten)]
+    images: super::image_flags::ImageFlags,
 }
 
 fn parse_peer(s: &str) -> Result<(u64, SocketAddr), String> {
@@ -224,6 +226,7 @@ async fn serve(
     api_config.served_model_name = served;
     api_config.api_key = args.api_key.clone();
     api_config.max_body_bytes = args.max_body_bytes;
+    args.images.apply(&mut api_config);
     if let Some(len) = args.max_model_len {
         anyhow::ensure!(len > 0, "--max-model-len must be at least 1");
         let model_len = frontend.config.text.max_position_embeddings;

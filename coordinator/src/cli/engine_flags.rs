@@ -140,12 +140,15 @@ pub fn make_backend(
     use std::time::Duration;
     if cluster.workers == 0 {
         let model = frontend.load_model(dtype, None)?;
-        let engine = herd_worker::engine::scheduler::Engine::new(
+        let mut engine = herd_worker::engine::scheduler::Engine::new(
             std::sync::Arc::new(model),
             std::sync::Arc::clone(&frontend.tokenizer),
             frontend.eos_ids(),
             engine.config()?,
         )?;
+        if let Some((vision, patch)) = frontend.load_vision(dtype)? {
+            engine.enable_vision(std::sync::Arc::new(vision), patch);
+        }
         return Ok(Box::new(LocalBackend::new(engine)));
     }
     let mut worker_args = vec![

@@ -2,6 +2,9 @@
 //! golden tools compare against transformers (`tools/golden/compare.py`).
 //!
 //! Input: `{"max_new_tokens": N, "prompts": [{"name", "input_ids" | "messages" | "text"}]}`.
+//! Messages may hold image parts (`{"type": "image", "path": FILE}` relative to the input
+//! file, or `{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`); their
+//! `<|image|>` placeholders are expanded into the image token block as the processor does.
 //! Output: `{"dtype", "prompts": [{"name", "input_ids", "last_logits", "argmax",
 //! "greedy_new_ids"}]}`. All prompts are prefilled in one batch and decoded in lockstep, so
 //! eval also checks that batching does not change any sequence's numbers.
@@ -14,10 +17,12 @@ use herd_worker::engine::request::{Event, Request};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
+use herd_worker::vision::content::{ImageSource, extract_images};
+use herd_worker::vision::{DecodeLimits, PixelValues, decode};
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(clap::Args, Debug)]
 pub struct EvalArgs {
@@ -66,7 +71,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", args.input.display()))?;
     let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
     let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
-    let (max_new, prompts) = parse_input(&input, &frontend).with_context(|| format!("in {}", args.input.display()))?;
+    let base = args.input.parent().unwrap_or(Path::new("."));
+    let (max_new, prompts) =
+        parse_input(&input, &frontend, base).with_context(|| format!("in {}", args.input.display()))?;
     let mut backend = make_backend(&dir, &frontend, args.dtype, &args.engine, &args.cluster)?;
     let results = evaluate(backend.as_mut(), prompts, max_new)?;
     let out = EvalOutput { dtype: args.dtype.to_string(), prompts: results };
@@ -79,10 +86,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
 struct Prompt {
     name: String,
     ids: Vec<u32>,
+    images: Vec<PixelValues>,
 }
 
 /// `(max_new_tokens, prompts)`, with every prompt tokenized as its kind says.
-fn parse_input(input: &Value, frontend: &Frontend) -> anyhow::Result<(usize, Vec<Prompt>)> {
+fn parse_input(input: &Value, frontend: &Frontend, base: &Path) -> anyhow::Result<(usize, Vec<Prompt>)> {
     let max_new = match input.get("max_new_tokens") {
         None => 0,
         Some(v) => v.as_u64().context("max_new_tokens must be a non-negative integer")? as usize,
@@ -93,20 +101,32 @@ fn parse_input(input: &Value, frontend: &Frontend) -> anyhow::Result<(usize, Vec
     for (i, p) in list.iter().enumerate() {
         let name = p.get("name").and_then(Value::as_str).map_or_else(|| format!("#{i}"), str::to_owned);
         let kinds: Vec<&str> = ["input_ids", "messages", "text"].into_iter().filter(|k| p.get(k).is_some()).collect();
+        let mut images = Vec::new();
         let ids = match kinds.as_slice() {
             ["input_ids"] => serde_json::from_value::<Vec<u32>>(p["input_ids"].clone())
                 .with_context(|| format!("prompt {name}: input_ids must be a list of token ids"))?,
             ["messages"] => {
-                let messages =
-                    p["messages"].as_array().with_context(|| format!("prompt {name}: messages must be a list"))?;
+                let mut messages = p["messages"]
+                    .as_array()
+                    .with_context(|| format!("prompt {name}: messages must be a list"))?
+                    .clone();
+                let sources = extract_images(&mut messages).with_context(|| format!("prompt {name}"))?;
                 let template = frontend.chat_template.as_ref().with_context(|| {
                     format!("prompt {name}: the model has no chat template; give input_ids or text")
                 })?;
                 let rendered = template
-                    .render(messages, true, p.get("tools"))
+                    .render(&messages, true, p.get("tools"))
                     .with_context(|| format!("prompt {name}: rendering the chat template"))?;
                 // The template writes BOS itself; encoding must not add a second.
-                frontend.tokenizer.encode(&rendered, false).with_context(|| format!("prompt {name}"))?
+                let ids = frontend.tokenizer.encode(&rendered, false).with_context(|| format!("prompt {name}"))?;
+                if sources.is_empty() {
+                    ids
+                } else {
+                    let (ids, pixels) = with_images(frontend, &ids, &sources, base)
+                        .with_context(|| format!("prompt {name}: images"))?;
+                    images = pixels;
+                    ids
+                }
             }
             ["text"] => {
                 let text = p["text"].as_str().with_context(|| format!("prompt {name}: text must be a string"))?;
@@ -120,9 +140,32 @@ fn parse_input(input: &Value, frontend: &Frontend) -> anyhow::Result<(usize, Vec
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             bail!("prompt {name}: token id {bad} is outside the vocabulary of {vocab} ids");
         }
-        prompts.push(Prompt { name, ids });
+        prompts.push(Prompt { name, ids, images });
     }
     Ok((max_new, prompts))
+}
+
+/// Decode and preprocess a prompt's images and expand its `<|image|>` placeholders.
+fn with_images(
+    frontend: &Frontend,
+    ids: &[u32],
+    sources: &[ImageSource],
+    base: &Path,
+) -> anyhow::Result<(Vec<u32>, Vec<PixelValues>)> {
+    let vision = frontend.vision.as_ref().context("this model has no (usable) vision tower")?;
+    let mut decoded = Vec::with_capacity(sources.len());
+    for (i, source) in sources.iter().enumerate() {
+        let bytes = match source {
+            ImageSource::Path(p) => {
+                let path = base.join(p);
+                std::fs::read(&path).with_context(|| format!("image {i}: reading {}", path.display()))?
+            }
+            ImageSource::Bytes(b) => b.clone(),
+            ImageSource::Remote(url) => bail!("image {i}: remote URLs are not fetched ({url})"),
+        };
+        decoded.push(decode(&bytes, &DecodeLimits::default()).with_context(|| format!("image {i}"))?);
+    }
+    Ok(vision.prepare(ids, &decoded)?)
 }
 
 /// Run every prompt greedily (not stopping at EOS) with its per-position argmax and last
@@ -134,7 +177,9 @@ fn evaluate(backend: &mut dyn Backend, prompts: Vec<Prompt>, max_new: usize) -> 
     let mut results: BTreeMap<u64, PromptResult> = BTreeMap::new();
     for (i, p) in prompts.into_iter().enumerate() {
         let id = i as u64;
-        backend.submit(Request { id, prompt: p.ids.clone(), params: params.clone(), prompt_logits: true })?;
+        let request =
+            Request { id, prompt: p.ids.clone(), params: params.clone(), prompt_logits: true, images: p.images };
+        backend.submit(request)?;
         let result = PromptResult {
             name: p.name,
             input_ids: p.ids,

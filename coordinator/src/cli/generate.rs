@@ -7,6 +7,7 @@ use herd_worker::engine::request::{Event, Request};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
+use herd_worker::vision::{DecodeLimits, PixelValues, decode};
 use serde_json::json;
 use std::io::Write;
 use std::path::PathBuf;
@@ -27,6 +28,9 @@ pub struct GenerateArgs {
     /// A system message to put before --chat.
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// An image (PNG, JPEG, WebP or GIF) shown before the --chat text (repeatable, in order).
+    #[arg(long, requires = "chat")]
+    image: Vec<PathBuf>,
     #[command(flatten)]
     sampling: SamplingFlags,
     /// Compute precision of weights (activations and accumulation are always f32).
@@ -109,6 +113,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
     let load_started = Instant::now();
     let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
+    let mut images: Vec<PixelValues> = Vec::new();
     let prompt = match (&args.prompt, &args.chat) {
         (Some(text), None) => frontend.tokenizer.encode(text, true)?,
         (None, Some(user)) => {
@@ -120,9 +125,28 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             if let Some(system) = &args.system {
                 messages.push(json!({"role": "system", "content": system}));
             }
-            messages.push(json!({"role": "user", "content": user}));
+            if args.image.is_empty() {
+                messages.push(json!({"role": "user", "content": user}));
+            } else {
+                let mut parts: Vec<_> = args.image.iter().map(|_| json!({"type": "image"})).collect();
+                parts.push(json!({"type": "text", "text": user}));
+                messages.push(json!({"role": "user", "content": parts}));
+            }
             let rendered = template.render(&messages, true, None).context("rendering the chat template")?;
-            frontend.tokenizer.encode(&rendered, false)?
+            let ids = frontend.tokenizer.encode(&rendered, false)?;
+            if args.image.is_empty() {
+                ids
+            } else {
+                let vision = frontend.vision.as_ref().context("this model has no (usable) vision tower")?;
+                let mut decoded = Vec::with_capacity(args.image.len());
+                for path in &args.image {
+                    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                    decoded.push(decode(&bytes, &DecodeLimits::default()).with_context(|| path.display().to_string())?);
+                }
+                let (ids, pixels) = vision.prepare(&ids, &decoded)?;
+                images = pixels;
+                ids
+            }
         }
         _ => bail!("give exactly one of --prompt and --chat"),
     };
@@ -133,7 +157,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     let mut stdout = std::io::stdout().lock();
     let started = Instant::now();
-    backend.submit(Request { id: 0, prompt: prompt.clone(), params, prompt_logits: false })?;
+    backend.submit(Request { id: 0, prompt: prompt.clone(), params, prompt_logits: false, images })?;
     let mut first_token = None;
     let mut generated = 0usize;
     let reason = 'outer: loop {

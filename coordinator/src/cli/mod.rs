@@ -10,6 +10,7 @@ pub mod engine_flags;
 pub mod eval;
 pub mod generate;
 pub mod http;
+pub mod image_flags;
 pub mod membw;
 pub mod model_arg;
 pub mod quantize;

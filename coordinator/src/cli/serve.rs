@@ -5,6 +5,7 @@
 //! executable, so what runs here is exactly what runs on a multi-host cluster.
 
 use super::engine_flags::EngineFlags;
+use super::image_flags::ImageFlags;
 use super::{http, model_arg, sys};
 use anyhow::{Context, bail};
 use herd_worker::model::weights::ComputeDtype;
@@ -43,6 +44,11 @@ pub struct ServeArgs {
     /// Prompt plus completion tokens one request may use (default: the model's context length).
     #[arg(long)]
     max_model_len: Option<usize>,
+    /// Largest API request body in bytes (base64 images count here first).
+    #[arg(long, default_value_t = herd_coordinator::api::ApiConfig::DEFAULT_MAX_BODY_BYTES)]
+    max_body_bytes: usize,
+    #[command(flatten)]
+    images: ImageFlags,
     /// Deadline of each data-plane collective between workers.
     #[arg(long, default_value_t = 60_000)]
     step_timeout_ms: u64,
@@ -115,7 +121,9 @@ fn run_in(args: &ServeArgs, model_dir: &Path, served: &str, data_dir: &Path) -> 
             .args(["--served-model-name", served, "--min-workers", &args.workers.to_string()])
             .args(["--step-timeout-ms", &args.step_timeout_ms.to_string()])
             .arg("--tls-dir")
-            .arg(&tls);
+            .arg(&tls)
+            .args(["--max-body-bytes", &args.max_body_bytes.to_string()])
+            .args(args.images.to_args());
         if let Some(key) = &args.api_key {
             cmd.args(["--api-key", key]);
         }

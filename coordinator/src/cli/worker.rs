@@ -134,6 +134,10 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let weight_bytes = model.weight_bytes();
     let engine_config = args.engine.config()?;
     let mut engine = Engine::new(Arc::new(model), Arc::clone(&frontend.tokenizer), frontend.eos_ids(), engine_config)?;
+    // The vision tower runs on the worker that owns an image request's sequence.
+    if let Some((vision, patch)) = frontend.load_vision(args.dtype).context("loading the vision tower")? {
+        engine.enable_vision(Arc::new(vision), patch);
+    }
 
     let mut early = VecDeque::new();
     let peers = if args.peers.is_empty() { wait_for_peers(&commands, &mut early)? } else { args.peers.clone() };

@@ -61,7 +61,7 @@ pub fn local_with(configure: impl FnOnce(&mut ApiConfig), kv_cache_bytes: usize)
 /// Run `prompt` on a fresh engine directly: the reference for the API's answers.
 pub fn run_engine(frontend: &Frontend, prompt: Vec<u32>, params: SamplingParams) -> (String, usize, StopReason) {
     let mut engine = engine(frontend, 64 << 20);
-    engine.submit(EngineRequest { id: 7, prompt, params, prompt_logits: false }).expect("submit");
+    engine.submit(EngineRequest { id: 7, prompt, params, prompt_logits: false, images: Vec::new() }).expect("submit");
     let mut text = String::new();
     let mut tokens = 0;
     loop {
@@ -150,7 +150,12 @@ impl Scripted {
 }
 
 impl InferenceService for Scripted {
-    fn submit(&self, prompt: Vec<u32>, params: SamplingParams) -> Result<EventStream, ServiceError> {
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        _images: Vec<herd_worker::vision::PixelValues>,
+        params: SamplingParams,
+    ) -> Result<EventStream, ServiceError> {
         let mut submitted = self.submitted.lock().expect("lock");
         submitted.push((prompt, params));
         (self.script)(submitted.len() - 1)

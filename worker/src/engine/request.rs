@@ -4,6 +4,7 @@
 use super::logprobs::TokenLogprobs;
 use super::sampler::{SamplingError, SamplingParams};
 use super::stop::StopReason;
+use crate::vision::PixelValues;
 use serde::{Deserialize, Serialize};
 
 /// Request ids are chosen by the submitter and unique within one engine.
@@ -19,6 +20,10 @@ pub struct Request {
     /// (what `herd eval` compares against transformers).
     #[serde(default)]
     pub prompt_logits: bool,
+    /// The prompt's images in order; their feature rows replace the prompt's `<|patch|>`
+    /// embeddings (the prompt already holds each image's expanded token block).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<PixelValues>,
 }
 
 /// Something that happened to a request during a step.
@@ -77,6 +82,12 @@ pub enum Rejection {
     ShuttingDown,
     #[error("this worker is not serving (its group is forming or re-forming)")]
     NotServing,
+    #[error("the request has images but this model has no vision tower")]
+    NoVision,
+    #[error("the images give {features} feature rows but the prompt has {patches} <|patch|> tokens")]
+    ImageTokens { patches: usize, features: usize },
+    #[error("image {index}: {message}")]
+    BadImage { index: usize, message: String },
 }
 
 impl From<SamplingError> for Rejection {

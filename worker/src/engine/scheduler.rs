@@ -19,8 +19,9 @@ use super::sampler::Sampler;
 use super::stop::{StopChecker, StopReason};
 use crate::model::ModelError;
 use crate::model::moe::ExpertRunner;
-use crate::model::text::{LogitsFor, SeqStep, TextModel};
+use crate::model::text::{ImageRows, LogitsFor, SeqStep, TextModel};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
+use crate::vision::encoder::VisionModel;
 use herd_kernels::cpu::activation::argmax;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -80,6 +81,11 @@ struct Seq {
     reserved: usize,
     /// Per-position argmax of the prompt so far (with `prompt_logits`).
     prompt_argmax: Vec<u32>,
+    /// `[patch tokens, hidden]` feature rows of the request's images, computed by the vision
+    /// encoder just before the first prefill chunk (empty without images).
+    image_rows: Vec<f32>,
+    /// `<|patch|>` tokens among the prompt tokens already run.
+    patches_run: usize,
 }
 
 impl Seq {
@@ -88,9 +94,16 @@ impl Seq {
     }
 }
 
+/// The vision tower and the prompt token its rows replace.
+struct Vision {
+    model: Arc<VisionModel>,
+    patch_token: u32,
+}
+
 /// One worker's engine.
 pub struct Engine {
     model: Arc<TextModel>,
+    vision: Option<Vision>,
     tokenizer: Arc<Tokenizer>,
     eos: Vec<u32>,
     config: EngineConfig,
@@ -121,6 +134,7 @@ impl Engine {
         let pool = KvPool::new(model.config(), config.kv_cache_bytes, config.block_tokens)?;
         Ok(Self {
             model,
+            vision: None,
             tokenizer,
             eos,
             config,
@@ -136,6 +150,42 @@ impl Engine {
         &self.model
     }
 
+    /// Accept image requests: `vision` encodes their tiles on this worker, and its rows replace
+    /// the embeddings of `patch_token` (config.json's `image_token_index`).
+    pub fn enable_vision(&mut self, vision: Arc<VisionModel>, patch_token: u32) {
+        self.vision = Some(Vision { model: vision, patch_token });
+    }
+
+    /// Check a request's images against the prompt's `<|patch|>` tokens.
+    fn check_images(&self, req: &Request) -> Result<(), Rejection> {
+        if req.images.is_empty() {
+            return Ok(());
+        }
+        let vision = self.vision.as_ref().ok_or(Rejection::NoVision)?;
+        let c = vision.model.config();
+        let mut features = 0;
+        for (index, pv) in req.images.iter().enumerate() {
+            let tile_len = 3 * c.image_size * c.image_size;
+            let tiles = pv.grid.0 * pv.grid.1 + usize::from(pv.has_global_tile());
+            if pv.tile != c.image_size || pv.values.len() != tiles * tile_len {
+                let message = format!(
+                    "pixel values of {} elements for a {:?} grid of {} px tiles; the vision tower takes {} px tiles",
+                    pv.values.len(),
+                    pv.grid,
+                    pv.tile,
+                    c.image_size
+                );
+                return Err(Rejection::BadImage { index, message });
+            }
+            features += tiles * c.tokens_per_tile();
+        }
+        let patches = req.prompt.iter().filter(|&&t| t == vision.patch_token).count();
+        if patches != features {
+            return Err(Rejection::ImageTokens { patches, features });
+        }
+        Ok(())
+    }
+
     /// Queue a request, or refuse it now if it can never run.
     pub fn submit(&mut self, req: Request) -> Result<(), Rejection> {
         req.params.validate()?;
@@ -149,6 +199,7 @@ impl Engine {
         if self.waiting.iter().chain(&self.running).any(|s| s.req.id == req.id) {
             return Err(Rejection::DuplicateId(req.id));
         }
+        self.check_images(&req)?;
         let tokens = req.prompt.len() + req.params.max_tokens;
         let need = self.pool.blocks_for(tokens, self.config.max_step_tokens);
         let total = self.pool.total_blocks().unwrap_or(usize::MAX);
@@ -165,6 +216,8 @@ impl Engine {
             detok: StreamDecoder::new(true),
             reserved: need,
             prompt_argmax: Vec::new(),
+            image_rows: Vec::new(),
+            patches_run: 0,
             req,
         };
         self.waiting.push_back(seq);
@@ -221,6 +274,7 @@ impl Engine {
     pub fn step_with(&mut self, experts: &mut dyn ExpertRunner) -> Result<(Vec<Event>, StepStats), EngineError> {
         self.admit();
         let plan = self.plan();
+        self.encode_images(&plan);
         let mut stats = StepStats { sequences: plan.len(), ..StepStats::default() };
         // What each planned sequence feeds and which logits it needs.
         let inputs: Vec<(Vec<u32>, LogitsFor)> = plan
@@ -242,19 +296,43 @@ impl Engine {
                 }
             })
             .collect();
+        let patch_token = self.vision.as_ref().map(|v| v.patch_token);
+        let hidden = self.model.config().hidden_size;
+        // Each prefill chunk's share of its sequence's image rows: its own `<|patch|>` tokens.
+        let image_spans: Vec<Option<(usize, usize)>> = plan
+            .iter()
+            .zip(&inputs)
+            .map(|(&(i, _), (tokens, _))| {
+                let s = &self.running[i];
+                let patch = patch_token.filter(|_| !s.decoding() && !s.image_rows.is_empty())?;
+                let k = tokens.iter().filter(|&&t| t == patch).count();
+                Some((s.patches_run, k))
+            })
+            .collect();
         let logits = {
-            let mut kvs: Vec<Option<&mut SeqKv>> = self.running.iter_mut().map(|s| Some(&mut s.kv)).collect();
+            let mut seqs: Vec<Option<&mut Seq>> = self.running.iter_mut().map(Some).collect();
             let mut steps: Vec<SeqStep<'_>> = plan
                 .iter()
                 .zip(&inputs)
-                .map(|(&(i, _), (tokens, logits))| SeqStep {
-                    tokens,
-                    kv: kvs[i].take().expect("plan names each sequence once"),
-                    logits: *logits,
+                .zip(&image_spans)
+                .map(|((&(i, _), (tokens, logits)), span)| {
+                    let s = seqs[i].take().expect("plan names each sequence once");
+                    let images = match (span, patch_token) {
+                        (Some((first, k)), Some(patch)) => {
+                            Some(ImageRows { patch, rows: &s.image_rows[first * hidden..(first + k) * hidden] })
+                        }
+                        _ => None,
+                    };
+                    SeqStep { tokens, kv: &mut s.kv, logits: *logits, images }
                 })
                 .collect();
             self.model.forward_with(&mut self.pool, &mut steps, experts)?
         };
+        for (&(i, _), span) in plan.iter().zip(&image_spans) {
+            if let Some((_, k)) = span {
+                self.running[i].patches_run += k;
+            }
+        }
         let vocab = self.model.config().vocab_size;
         let mut finished = Vec::new();
         for (&(i, n), rows) in plan.iter().zip(logits) {
@@ -333,6 +411,20 @@ impl Engine {
             let seq = self.waiting.pop_front().expect("front exists");
             self.reserved += seq.reserved;
             self.running.push(seq);
+        }
+    }
+
+    /// Run the vision encoder for planned sequences that start prefilling with images. The
+    /// encoder runs here, on the worker that owns the sequence, outside the lockstep forward.
+    fn encode_images(&mut self, plan: &[(usize, usize)]) {
+        let Some(vision) = self.vision.as_ref().map(|v| Arc::clone(&v.model)) else { return };
+        for &(i, _) in plan {
+            let s = &mut self.running[i];
+            if s.req.images.is_empty() || !s.image_rows.is_empty() || s.decoding() {
+                continue;
+            }
+            let pixels: Vec<half::bf16> = s.req.images.iter().flat_map(|pv| pv.values.iter().copied()).collect();
+            s.image_rows = vision.forward(&pixels); // [patch tokens, hidden]
         }
     }
 

@@ -31,6 +31,8 @@ pub enum ModelError {
     UnsupportedDtype { name: String, dtype: String },
     #[error("token id {id} is outside the vocabulary of {vocab} ids")]
     TokenOutOfRange { id: u32, vocab: usize },
+    #[error("{patches} image tokens in a step but {rows} image feature rows")]
+    ImageRows { patches: usize, rows: usize },
     #[error("KV cache: {0}")]
     KvCache(crate::engine::kv_cache::KvError),
     #[error("running experts: {0}")]

@@ -41,6 +41,17 @@ pub struct SeqStep<'a> {
     /// The sequence's block tables in the pool passed to `forward`.
     pub kv: &'a mut SeqKv,
     pub logits: LogitsFor,
+    /// Image feature rows that replace the embeddings of this step's image tokens.
+    pub images: Option<ImageRows<'a>>,
+}
+
+/// Early fusion: the `k`-th `patch` token of a step takes row `k` of `rows` instead of its
+/// embedding.
+#[derive(Clone, Copy, Debug)]
+pub struct ImageRows<'a> {
+    pub patch: u32,
+    /// `[patch tokens of the step, hidden]`
+    pub rows: &'a [f32],
 }
 
 #[derive(Debug)]
@@ -198,8 +209,21 @@ impl TextModel {
 
         let mut x = vec![0.0f32; total * h]; // [tokens, hidden]
         let embed = self.embed.matrix();
-        for (row, &id) in x.chunks_exact_mut(h).zip(batch.iter().flat_map(|s| s.tokens.iter())) {
-            embed.rows_range(id as usize, 1).elems.to_f32_into(row);
+        let mut rows = x.chunks_exact_mut(h);
+        for step in batch.iter() {
+            let mut images = step.images.map(|im| (im.patch, im.rows.chunks_exact(h)));
+            if let Some(im) = &step.images {
+                let k = step.tokens.iter().filter(|&&t| t == im.patch).count();
+                if im.rows.len() != k * h {
+                    return Err(ModelError::ImageRows { patches: k, rows: im.rows.len() / h });
+                }
+            }
+            for (&id, row) in step.tokens.iter().zip(&mut rows) {
+                match &mut images {
+                    Some((patch, feats)) if id == *patch => row.copy_from_slice(feats.next().expect("counted above")),
+                    _ => embed.rows_range(id as usize, 1).elems.to_f32_into(row),
+                }
+            }
         }
         let (cos, sin) = self.rope.table(&positions);
         for (li, layer) in self.layers.iter().enumerate() {
