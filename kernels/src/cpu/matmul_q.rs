@@ -178,8 +178,14 @@ pub(crate) unsafe fn int4_cols(
     let (row_bytes, row_groups) = (quant::int4_row_bytes(k), quant::int4_row_groups(k));
     assert_eq!(packed.len(), n * row_bytes, "int4 matmul: packed bytes");
     assert_eq!(scales.len(), n * row_groups, "int4 matmul: scales");
+    let rows = Int4Rows { packed, scales, row_bytes, row_groups };
+    #[cfg(target_arch = "x86_64")]
+    if m == 1 && matches!(isa, Isa::Avx2Fma | Isa::Avx512) {
+        // SAFETY: AVX2 and FMA were detected at run time; the rest is forwarded.
+        return unsafe { int4_decode::int4_decode_avx2(x, rows, k, j0, j1, dst) };
+    }
     // SAFETY: forwarded from the caller.
-    unsafe { cols_block(isa, x, Int4Rows { packed, scales, row_bytes, row_groups }, m, n, k, j0, j1, dst) }
+    unsafe { cols_block(isa, x, rows, m, n, k, j0, j1, dst) }
 }
 
 /// # Safety
@@ -437,5 +443,7 @@ fn reduce_lanes(mut v: [f32; LANES]) -> f32 {
 mod batch_avx2;
 #[cfg(target_arch = "x86_64")]
 mod fp8_decode;
+#[cfg(target_arch = "x86_64")]
+mod int4_decode;
 #[cfg(test)]
 mod tests;

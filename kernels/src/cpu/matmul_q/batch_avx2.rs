@@ -9,10 +9,10 @@
 use super::LANES;
 use std::arch::x86_64::*;
 
-/// The 16-lane halving tree on lanes `lo` (0–7) and `hi` (8–15).
+/// The parent module's 16-lane halving tree on lanes `lo` (0–7) and `hi` (8–15).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-fn reduce16(lo: __m256, hi: __m256) -> f32 {
+pub(super) fn reduce16(lo: __m256, hi: __m256) -> f32 {
     let s8 = _mm256_add_ps(lo, hi); // v[l] += v[l + 8]
     let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8)); // v[l] += v[l + 4]
     let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // v[l] += v[l + 2]

@@ -8,6 +8,7 @@
 //! same sums in the same pairs; the tail and the row scale come last.
 
 use super::super::parallel::SharedOut;
+use super::batch_avx2::reduce16;
 use super::{LANES, e4m3_fast};
 use std::arch::x86_64::*;
 
@@ -32,16 +33,6 @@ unsafe fn decode16(p: *const u8) -> (__m256, __m256) {
     let mag = _mm256_slli_epi16::<7>(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)));
     let h = _mm256_or_si256(sign, mag);
     (_mm256_cvtph_ps(_mm256_castsi256_si128(h)), _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(h)))
-}
-
-/// The parent module's 16-lane halving tree on lanes `lo` (0–7) and `hi` (8–15).
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-fn reduce16(lo: __m256, hi: __m256) -> f32 {
-    let s8 = _mm256_add_ps(lo, hi); // v[l] += v[l + 8]
-    let s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps::<1>(s8)); // v[l] += v[l + 4]
-    let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4)); // v[l] += v[l + 2]
-    _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2))) // v[0] += v[1]
 }
 
 /// Columns `[j0, j1)` of `x[1, k] · W[n, k]ᵀ` (codes `[n, k]`, row scales `[n]`).
