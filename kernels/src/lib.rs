@@ -14,7 +14,10 @@
 //!     f32 activations, f32 accumulation, any weight dtype; its doc states the fixed
 //!     accumulation order. `matmul/avx2.rs` holds the register-tiled AVX2+FMA kernels,
 //!     `matmul/portable.rs` the fallback with the same order; quantized `[n, k]` weights go
-//!     to the private `cpu::matmul_q` kernels (dequantize 16 elements at a time).
+//!     to the private `cpu::matmul_q` kernels (explicit AVX2 for one token in
+//!     `matmul_q/{fp8,int4}_decode.rs`; batches decode each weight-row pair once for the
+//!     register kernel of `matmul_q/batch_avx2.rs`). `matmul_t_many` runs several products of
+//!     the same input (q/k/v, router + gate/up) in one parallel region.
 //!   - [`cpu::norm`]: RMSNorm (with and without weight).
 //!   - [`cpu::rope`]: rotary embedding on interleaved pairs, llama3 frequency scaling.
 //!   - [`cpu::attention`]: causal / chunked-local attention with GQA over a paged KV history,
