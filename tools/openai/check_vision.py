@@ -6,7 +6,7 @@ Usage: check_vision.py --base-url http://127.0.0.1:8000/v1 --model NAME --case t
 
 The case directory is a golden multimodal case (tools/golden/make_golden_vision.py): its images are sent as
 base64 data URLs and the prompt token counts are checked against transformers' expected.json (the exact ids and
-logits are checked by `herd eval` in coordinator/tests/vision_golden.rs).
+logits are checked by `herd eval` in coordinator/tests/golden.rs).
 Malformed images (truncated file, wrong magic, a header declaring a huge canvas, too many images, a remote URL)
 must each get a 400 in the OpenAI envelope while the server keeps serving. Exits non-zero on the first failure.
 Run by coordinator/tests/openai_vision.rs against `herd serve`.

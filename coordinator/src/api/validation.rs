@@ -454,16 +454,25 @@ mod tests {
     }
 
     #[test]
-    fn content_parts_join_and_images_are_refused() {
+    fn text_parts_join_and_image_parts_keep_their_list() {
         let ok = chat_messages(vec![json!({"role": "user", "content": [
             {"type": "text", "text": "a"}, {"type": "text", "text": "b"}], "extra": 1})])
         .expect("valid");
         assert_eq!(ok, vec![json!({"role": "user", "content": "a\nb", "extra": 1})]);
+        // Image parts arrive here already decoded and rewritten to {"type": "image"}
+        // (api::images); they keep the list form for the chat template.
+        let parts = json!([{"type": "text", "text": "a"}, {"type": "image"}]);
+        let ok = chat_messages(vec![json!({"role": "user", "content": parts.clone()})]).expect("image part");
+        assert_eq!(ok, vec![json!({"role": "user", "content": parts})]);
+        // A raw `image_url` part that skipped that step is a clear 400, not a silent drop.
         let err = chat_messages(vec![json!({"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]})])
-        .expect_err("image");
-        assert_eq!(err.message, "images are not supported yet");
+        .expect_err("raw image_url");
+        assert_eq!(err.message, "messages[0].content[0]: unsupported content part type `image_url`");
         assert_eq!(err.param.as_deref(), Some("messages"));
+        let err = chat_messages(vec![json!({"role": "user", "content": [{"type": "image"}, {"type": "audio"}]})])
+            .expect_err("audio");
+        assert_eq!(err.message, "messages[0].content[1] must be a text or image part");
         assert!(chat_messages(vec![]).is_err());
         assert!(chat_messages(vec![json!("hi")]).is_err());
         assert!(chat_messages(vec![json!({"content": "hi"})]).is_err());

@@ -22,7 +22,9 @@ pub struct Request {
     pub prompt_logits: bool,
     /// The prompt's images in order; their feature rows replace the prompt's `<|patch|>`
     /// embeddings (the prompt already holds each image's expanded token block).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    // Always serialized: the control channel's bincode is positional, so a skipped field
+    // would shift every field after it (`default` only helps self-describing formats).
+    #[serde(default)]
     pub images: Vec<PixelValues>,
 }
 
