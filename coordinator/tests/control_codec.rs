@@ -26,8 +26,7 @@ fn submits_with_and_without_images_survive_the_control_codec() {
         prompt_logits: false,
         images: Vec::new(),
     };
-    let mut params = SamplingParams::default();
-    params.logprobs = Some(2);
+    let params = SamplingParams { logprobs: Some(2), ..SamplingParams::default() };
     // A 1×2 grid of 2 px tiles plus the global tile: 3 tiles of 3·2·2 values.
     let image =
         PixelValues { grid: (1, 2), tile: 2, values: (0..36).map(|i| bf16::from_f32(i as f32 / 8.0)).collect() };
