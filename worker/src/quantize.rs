@@ -56,7 +56,7 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> QuantizeErro
 /// What was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QuantizeSummary {
-    /// Expert matrices quantized (three per expert).
+    /// Matrices quantized (three per routed expert, plus the other linears with `AllLinear`).
     pub quantized: usize,
     /// Tensors copied unchanged.
     pub copied: usize,
@@ -77,8 +77,9 @@ struct Entry {
 /// One unit of work, producing one or more consecutive output tensors.
 enum Job {
     Copy(TensorSlice),
-    /// Expert `e`'s projection `part` from a fused or per-expert source, as `[out, inp]`.
-    Expert {
+    /// An nn.Linear quantized as `[out, inp]`: expert `e`'s projection `part` of a fused
+    /// source, or a whole float `[out, inp]` tensor (`Part::Linear`).
+    Quantize {
         src: TensorSlice,
         e: usize,
         part: Part,
@@ -137,7 +138,7 @@ pub fn quantize_checkpoint(
         .map_err(|e| QuantizeError::Config { path: out_config.clone(), message: e.to_string() })?;
     json.push('\n');
     fs::write(&out_config, json).map_err(io(format!("writing {}", out_config.display())))?;
-    let quantized = jobs.iter().filter(|j| matches!(j, Job::Expert { .. })).count();
+    let quantized = jobs.iter().filter(|j| matches!(j, Job::Quantize { .. })).count();
     Ok(QuantizeSummary { quantized, copied: jobs.len() - quantized, weight_bytes, input_bytes: ckpt.data_bytes() })
 }
 
@@ -152,21 +153,21 @@ fn plan(ckpt: &Checkpoint, scope: QuantScope) -> Result<Vec<Job>, QuantizeError>
             for e in 0..e_n {
                 for (part, proj) in [(Part::FusedGate, "gate_proj"), (Part::FusedUp, "up_proj")] {
                     let out_prefix = format!("{prefix}.experts.{e}.{proj}");
-                    jobs.push(Job::Expert { src: t.clone(), e, part, out_prefix, out: i2 / 2, inp: h });
+                    jobs.push(Job::Quantize { src: t.clone(), e, part, out_prefix, out: i2 / 2, inp: h });
                 }
             }
         } else if let Some(prefix) = name.strip_suffix(".experts.down_proj") {
             let [e_n, i, h] = rank3(&t).ok_or_else(|| bad(format!("shape {:?} is not [E, I, H]", t.shape)))?;
             for e in 0..e_n {
                 let out_prefix = format!("{prefix}.experts.{e}.down_proj");
-                jobs.push(Job::Expert { src: t.clone(), e, part: Part::FusedDown, out_prefix, out: h, inp: i });
+                jobs.push(Job::Quantize { src: t.clone(), e, part: Part::FusedDown, out_prefix, out: h, inp: i });
             }
         } else if t.shape.len() == 2
             && (is_per_expert_linear(name) || (scope == QuantScope::AllLinear && is_text_linear(name)))
         {
             let out_prefix = name.strip_suffix(".weight").expect("checked").to_owned();
             let (out, inp) = (t.shape[0], t.shape[1]);
-            jobs.push(Job::Expert { src: t, e: 0, part: Part::Linear, out_prefix, out, inp });
+            jobs.push(Job::Quantize { src: t, e: 0, part: Part::Linear, out_prefix, out, inp });
         } else {
             jobs.push(Job::Copy(t));
         }
@@ -214,7 +215,7 @@ fn entries(job: &Job, format: WeightQuant) -> Vec<Entry> {
             shape: t.shape.clone(),
             bytes: t.byte_len(),
         }],
-        Job::Expert { out_prefix, out, inp, .. } => {
+        Job::Quantize { out_prefix, out, inp, .. } => {
             let (out, inp) = (*out, *inp);
             match format {
                 WeightQuant::Fp8Channel => vec![
@@ -330,7 +331,7 @@ fn write_weights(path: &Path, jobs: &[Job], entries: &[Entry], format: WeightQua
 fn produce(job: &Job, format: WeightQuant) -> Result<Vec<Vec<u8>>, QuantizeError> {
     let (src, e, part, out, inp) = match job {
         Job::Copy(t) => return Ok(vec![t.read()?]),
-        Job::Expert { src, e, part, out, inp, .. } => (src, *e, *part, *out, *inp),
+        Job::Quantize { src, e, part, out, inp, .. } => (src, *e, *part, *out, *inp),
     };
     let w = expert_matrix(src, e, part, out, inp)?; // [out, inp]
     Ok(match format {

@@ -18,15 +18,18 @@ const PASSES: usize = 5;
 /// 4 KiB pages the TLB misses of a streaming read cost this machine 10–35% of its bandwidth,
 /// and the limit should be the hardware's, not the page size's.
 pub fn measure() -> f64 {
-    let words = BUFFER_BYTES / 8;
-    let mut buf = HugeBuffer::new(words);
+    let mut map = memmap2::MmapOptions::new().len(BUFFER_BYTES).map_anon().expect("membw: mapping the read buffer");
+    // Only a hint: without THP the pages stay 4 KiB.
+    #[cfg(target_os = "linux")]
+    let _ = map.advise(memmap2::Advice::HugePage);
     // Written first so that every page is backed by real memory (not the shared zero page).
-    buf.words_mut().par_chunks_mut(1 << 17).enumerate().for_each(|(c, chunk)| {
+    let words: &mut [u64] = bytemuck::cast_slice_mut(&mut map[..]);
+    words.par_chunks_mut(1 << 17).enumerate().for_each(|(c, chunk)| {
         for (i, w) in chunk.iter_mut().enumerate() {
             *w = (c << 17 | i) as u64;
         }
     });
-    let buf = buf.words();
+    let buf: &[u64] = words;
     let mut best = 0.0f64;
     for _ in 0..PASSES {
         let started = Instant::now();
@@ -39,56 +42,4 @@ pub fn measure() -> f64 {
         best = best.max(BUFFER_BYTES as f64 / secs);
     }
     best
-}
-
-/// An anonymous `[u64]` buffer aligned to 2 MiB and advised to use transparent huge pages.
-struct HugeBuffer {
-    /// The mapping as returned by mmap, for munmap.
-    base: *mut libc::c_void,
-    map_len: usize,
-    /// The first 2 MiB boundary inside it.
-    ptr: *mut u64,
-    words: usize,
-}
-
-const HUGE_PAGE: usize = 2 << 20;
-
-impl HugeBuffer {
-    fn new(words: usize) -> Self {
-        // One extra huge page so the start can be rounded up to a 2 MiB boundary.
-        let map_len = words * 8 + HUGE_PAGE;
-        // SAFETY: a fresh private anonymous mapping; checked for failure below.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert!(raw != libc::MAP_FAILED, "membw: cannot map {map_len} bytes: {}", std::io::Error::last_os_error());
-        let ptr = (raw as usize).next_multiple_of(HUGE_PAGE) as *mut u64;
-        // SAFETY: the range lies inside the mapping. Only a hint: without THP the pages stay 4 KiB.
-        unsafe { libc::madvise(ptr.cast(), words * 8, libc::MADV_HUGEPAGE) };
-        Self { base: raw, map_len, ptr, words }
-    }
-
-    fn words(&self) -> &[u64] {
-        // SAFETY: `words` u64s from `ptr` lie inside the live mapping (zero-filled at first).
-        unsafe { std::slice::from_raw_parts(self.ptr, self.words) }
-    }
-
-    fn words_mut(&mut self) -> &mut [u64] {
-        // SAFETY: as in `words`, and `&mut self` makes this the only view.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.words) }
-    }
-}
-
-impl Drop for HugeBuffer {
-    fn drop(&mut self) {
-        // SAFETY: exactly this buffer's own mapping; nothing borrows it after drop.
-        unsafe { libc::munmap(self.base, self.map_len) };
-    }
 }

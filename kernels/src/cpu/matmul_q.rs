@@ -33,23 +33,6 @@ trait QuantRows: Copy + Send + Sync {
     fn elem(&self, j: usize, p: usize) -> f32;
     /// Turn row `j`'s dot product with the `chunk` weights into the output value.
     fn finish(&self, j: usize, dot: f32) -> f32;
-    /// Hint the cache to fetch the bytes of chunk `c` of row `j` (which may be past the last
-    /// row: prefetches never fault); only chunks that start a cache line issue one.
-    fn prefetch(&self, j: usize, c: usize);
-}
-
-/// Prefetch the cache line at `base + offset` if `offset` starts one of `base`'s lines.
-#[inline(always)]
-fn prefetch_line(base: *const u8, offset: usize) {
-    #[cfg(target_arch = "x86_64")]
-    if offset.is_multiple_of(64) {
-        // SAFETY: a prefetch is only a hint; it never faults, whatever the address.
-        unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(base.wrapping_add(offset).cast())
-        };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (base, offset);
 }
 
 #[derive(Clone, Copy)]
@@ -85,11 +68,6 @@ impl QuantRows for Fp8Rows<'_> {
     fn finish(&self, j: usize, dot: f32) -> f32 {
         dot * self.scales[j]
     }
-
-    #[inline(always)]
-    fn prefetch(&self, j: usize, c: usize) {
-        prefetch_line(self.codes.as_ptr(), j * self.k + c * LANES);
-    }
 }
 
 #[derive(Clone, Copy)]
@@ -121,11 +99,6 @@ impl QuantRows for Int4Rows<'_> {
     #[inline(always)]
     fn finish(&self, _j: usize, dot: f32) -> f32 {
         dot
-    }
-
-    #[inline(always)]
-    fn prefetch(&self, j: usize, c: usize) {
-        prefetch_line(self.packed.as_ptr(), j * self.row_bytes + c * LANES / 2);
     }
 }
 
@@ -252,7 +225,7 @@ unsafe fn block<Q: QuantRows, const FMA: bool>(
         // Decode: stream W once, four rows at a time for memory-level parallelism.
         let mut j = j0;
         while j + 4 <= j1 {
-            let r = tile_pf::<Q, 1, 4, FMA, true>(q, [xr(0)], [j, j + 1, j + 2, j + 3]);
+            let r = tile::<Q, 1, 4, FMA>(q, [xr(0)], [j, j + 1, j + 2, j + 3]);
             for (c, v) in r[0].iter().enumerate() {
                 put(0, j + c, *v);
             }
@@ -363,9 +336,6 @@ impl<Q: QuantRows> QuantRows for Decoded<'_, Q> {
     fn finish(&self, j: usize, dot: f32) -> f32 {
         self.q.finish(j, dot)
     }
-
-    #[inline(always)]
-    fn prefetch(&self, _j: usize, _c: usize) {}
 }
 
 /// Dot products of `MR` activation rows with weight rows `js`.
@@ -377,29 +347,11 @@ fn tile<Q: QuantRows, const MR: usize, const NR: usize, const FMA: bool>(
     xs: [&[f32]; MR],
     js: [usize; NR],
 ) -> [[f32; NR]; MR] {
-    tile_pf::<Q, MR, NR, FMA, false>(q, xs, js)
-}
-
-/// [`tile`]; with `PF`, also prefetches the `NR` rows after the last of `js` (the next decode
-/// tile), chunk by chunk as this one proceeds: a 1 KiB FP8 row ends before the hardware
-/// prefetcher has ramped up on it.
-#[allow(clippy::needless_range_loop)]
-#[inline(always)]
-fn tile_pf<Q: QuantRows, const MR: usize, const NR: usize, const FMA: bool, const PF: bool>(
-    q: Q,
-    xs: [&[f32]; MR],
-    js: [usize; NR],
-) -> [[f32; NR]; MR] {
     let k = xs[0].len();
     let full = k / LANES * LANES;
     let mut acc = [[[0.0f32; LANES]; NR]; MR];
     let xc: [&[[f32; LANES]]; MR] = xs.map(|r| r[..full].as_chunks::<LANES>().0);
     for c in 0..full / LANES {
-        if PF {
-            for t in 0..NR {
-                q.prefetch(js[NR - 1] + 1 + t, c);
-            }
-        }
         let mut wv = [[0.0f32; LANES]; NR];
         for t in 0..NR {
             q.chunk(js[t], c, &mut wv[t]);
