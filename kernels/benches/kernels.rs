@@ -167,6 +167,51 @@ fn attention_bench(c: &mut Criterion) {
             })
         });
     }
+    // Decode as in a model: each layer's history was evicted by the weights streamed since
+    // the last token, so 48 distinct 640-token histories (63 MiB, twice the L3) take turns.
+    let (history, layers) = (640usize, 48usize);
+    let k: Vec<Vec<f32>> = (0..layers).map(|l| values(history * row, 20 + l as u32)).collect();
+    let v: Vec<Vec<f32>> = (0..layers).map(|l| values(history * row, 90 + l as u32)).collect();
+    let q = values(8 * 128, 13);
+    let mut out = vec![0.0f32; q.len()];
+    let mut layer = 0;
+    g.throughput(Throughput::Bytes((history * row * 2 * 4) as u64));
+    g.bench_function("decode_cold_1_of_640", |b| {
+        b.iter(|| {
+            layer = (layer + 1) % layers;
+            let kv = KvHistory::contiguous(&k[layer], &v[layer], row, 0);
+            attention::attention(black_box(&q), &[history - 1], kv, heads, 0.088, AttnMask::Causal, &mut out)
+        })
+    });
+    // The same rows as the KV cache pool keeps them: 16-token head-major blocks.
+    let blocks: Vec<u32> = (0..(history / 16) as u32).collect();
+    let paged = |x: &[f32]| -> Vec<f32> {
+        let mut p = vec![0.0f32; x.len()];
+        for (pos, r) in x.chunks_exact(row).enumerate() {
+            for (kvh, src) in r.chunks_exact(128).enumerate() {
+                let at = (((pos / 16) * 2 + kvh) * 16 + pos % 16) * 128;
+                p[at..at + 128].copy_from_slice(src);
+            }
+        }
+        p
+    };
+    let k: Vec<Vec<f32>> = k.iter().map(|x| paged(x)).collect();
+    let v: Vec<Vec<f32>> = v.iter().map(|x| paged(x)).collect();
+    g.bench_function("decode_cold_paged_1_of_640", |b| {
+        b.iter(|| {
+            layer = (layer + 1) % layers;
+            let kv = KvHistory {
+                keys: &k[layer],
+                values: &v[layer],
+                blocks: &blocks,
+                block_tokens: 16,
+                first_pos: 0,
+                len: history,
+                head_major: true,
+            };
+            attention::attention(black_box(&q), &[history - 1], kv, heads, 0.088, AttnMask::Causal, &mut out)
+        })
+    });
     g.finish();
 }
 

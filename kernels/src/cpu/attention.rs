@@ -39,9 +39,10 @@ pub struct AttnHeads {
 /// special case of one block holding every row.
 #[derive(Clone, Copy, Debug)]
 pub struct KvHistory<'a> {
-    /// `[pool blocks, block_tokens, kv_heads · head_dim]`
+    /// `[pool blocks, block_tokens, kv_heads · head_dim]`, or with `head_major`
+    /// `[pool blocks, kv_heads, block_tokens, head_dim]`
     pub keys: &'a [f32],
-    /// `[pool blocks, block_tokens, kv_heads · head_dim]`
+    /// Laid out as `keys`.
     pub values: &'a [f32],
     /// Block ids in position order.
     pub blocks: &'a [u32],
@@ -50,6 +51,10 @@ pub struct KvHistory<'a> {
     pub first_pos: usize,
     /// Valid rows from `first_pos`.
     pub len: usize,
+    /// Each block keeps one kv head's rows together. A job reads one kv head, so this turns
+    /// its scan into one contiguous run per block instead of a slice of every row (a strided
+    /// stream that the hardware prefetcher follows poorly).
+    pub head_major: bool,
 }
 
 impl<'a> KvHistory<'a> {
@@ -57,14 +62,20 @@ impl<'a> KvHistory<'a> {
     pub fn contiguous(keys: &'a [f32], values: &'a [f32], row: usize, first_pos: usize) -> Self {
         assert_eq!(keys.len(), values.len());
         let len = keys.len() / row;
-        Self { keys, values, blocks: &[0], block_tokens: len.max(1), first_pos, len }
+        Self { keys, values, blocks: &[0], block_tokens: len.max(1), first_pos, len, head_major: false }
     }
 
-    /// Element offset of the row at absolute position `pos`.
+    /// Element offset of kv head `g`'s `head_dim` values at absolute position `pos`.
     #[inline]
-    fn row_offset(&self, pos: usize, row: usize) -> usize {
+    fn head_offset(&self, pos: usize, g: usize, heads: AttnHeads) -> usize {
         let i = pos - self.first_pos;
-        (self.blocks[i / self.block_tokens] as usize * self.block_tokens + i % self.block_tokens) * row
+        let (block, r) = (self.blocks[i / self.block_tokens] as usize, i % self.block_tokens);
+        let AttnHeads { kv_heads, head_dim: d, .. } = heads;
+        if self.head_major {
+            ((block * kv_heads + g) * self.block_tokens + r) * d
+        } else {
+            (block * self.block_tokens + r) * kv_heads * d + g * d
+        }
     }
 }
 
@@ -151,78 +162,177 @@ fn run_job(job: &Job<'_>, out: &mut [f32]) {
         // never contracts `a * b + c`), so it computes the same bits as the portable build.
         return unsafe { run_job_avx2(job, out) };
     }
-    run_job_body(job, out)
+    run_job_body(job, out, dots, |_| {})
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 unsafe fn run_job_avx2(job: &Job<'_>, out: &mut [f32]) {
-    run_job_body(job, out)
+    // The closures inherit this function's AVX2, which is all `dots_avx2` needs.
+    run_job_body(job, out, |qs, key, s| dots_avx2(qs, key, s), prefetch_row)
+}
+
+/// Rows ahead that the scan over the history prefetches: a head's slice of a row (512 B at
+/// head_dim 128) is only part of the row, so the hardware prefetcher sees a strided stream.
+const PREFETCH_ROWS: usize = 6;
+
+/// Prefetch the cache lines of one history row slice (never dereferenced).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_row(row: &[f32]) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    let p = row.as_ptr().cast::<i8>();
+    let mut off = 0;
+    while off < std::mem::size_of_val(row) {
+        // SAFETY: a prefetch never faults; the address is within `row`.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
+        off += 64;
+    }
+}
+
+/// `dot` for each query of a group: `qs` is `[group, head_dim]`, `scores` `[group]`.
+fn dots(qs: &[f32], key: &[f32], scores: &mut [f32]) {
+    for (s, qv) in scores.iter_mut().zip(qs.chunks_exact(key.len())) {
+        *s = dot(qv, key);
+    }
 }
 
 /// `out`: `[t1 - t0, group, head_dim]`.
+///
+/// The heads of one token share their visible keys, so the scan handles a token's `group`
+/// queries together: `dots` is [`dots`] or a SIMD form with the same bits (each query's
+/// sum in the same order), and `prefetch` hints a row slice that the scan reaches
+/// [`PREFETCH_ROWS`] rows later (or does nothing).
 #[inline(always)]
-fn run_job_body(job: &Job<'_>, out: &mut [f32]) {
+fn run_job_body(job: &Job<'_>, out: &mut [f32], dots: impl Fn(&[f32], &[f32], &mut [f32]), prefetch: impl Fn(&[f32])) {
     let Job { q, positions, kv, heads, scale, mask, g, t0, t1 } = *job;
     let AttnHeads { q_heads, kv_heads, head_dim: d } = heads;
     let group = q_heads / kv_heads;
-    let row = kv_heads * d;
-    // Query `i` of the job is token t0 + i / group, head g·group + i % group; it sees keys
-    // lo[i]..=hi[i], and its scores live at scores[off[i]..off[i + 1]].
-    let nq = (t1 - t0) * group;
-    let mut lo = Vec::with_capacity(nq);
-    let mut hi = Vec::with_capacity(nq);
-    let mut off = Vec::with_capacity(nq + 1);
+    // Token `t0 + t` of the job sees keys lo[t]..=hi[t]; its query `h` (head g·group + h)
+    // keeps its scores at scores[off[t]·group + h·len[t]..][..len[t]] with len = hi + 1 - lo.
+    let tokens = t1 - t0;
+    let lo: Vec<usize> = positions[t0..t1].iter().map(|&p| mask.first_key(p).max(kv.first_pos)).collect();
+    let hi = &positions[t0..t1];
+    let mut off = Vec::with_capacity(tokens + 1);
     off.push(0);
-    for &p in &positions[t0..t1] {
-        let l = mask.first_key(p).max(kv.first_pos);
-        for _ in 0..group {
-            lo.push(l);
-            hi.push(p);
-            off.push(off.last().copied().unwrap_or(0) + p + 1 - l);
-        }
+    for t in 0..tokens {
+        off.push(off[t] + hi[t] + 1 - lo[t]);
     }
-    let qv = |i: usize| {
-        let (t, h) = (t0 + i / group, g * group + i % group);
-        &q[(t * q_heads + h) * d..][..d]
-    };
     let first = lo.iter().copied().min().unwrap_or(0);
     let last = hi.iter().copied().max().unwrap_or(0);
-    let mut scores = vec![0.0f32; off[nq]];
-    let mut max = vec![f32::NEG_INFINITY; nq];
+    let mut scores = vec![0.0f32; off[tokens] * group];
+    let mut max = vec![f32::NEG_INFINITY; tokens * group];
+    let mut s = vec![0.0f32; group];
     // Pass 1: every key row once, against every query of the job that sees it.
     for pos in first..=last {
-        let r = kv.row_offset(pos, row) + g * d;
+        if pos + PREFETCH_ROWS <= last {
+            let r = kv.head_offset(pos + PREFETCH_ROWS, g, heads);
+            prefetch(&kv.keys[r..r + d]);
+        }
+        let r = kv.head_offset(pos, g, heads);
         let key = &kv.keys[r..r + d];
-        for i in 0..nq {
-            if pos >= lo[i] && pos <= hi[i] {
-                let s = dot(qv(i), key) * scale;
-                max[i] = max[i].max(s);
-                scores[off[i] + pos - lo[i]] = s;
+        for t in 0..tokens {
+            if pos < lo[t] || pos > hi[t] {
+                continue;
+            }
+            dots(&q[((t0 + t) * q_heads + g * group) * d..][..group * d], key, &mut s);
+            let len = hi[t] + 1 - lo[t];
+            for (h, &v) in s.iter().enumerate() {
+                let v = v * scale;
+                let m = &mut max[t * group + h];
+                *m = m.max(v);
+                scores[off[t] * group + h * len + pos - lo[t]] = v;
             }
         }
     }
-    let mut sum = vec![0.0f32; nq];
-    for i in 0..nq {
-        for s in scores[off[i]..off[i + 1]].iter_mut() {
-            *s = (*s - max[i]).exp();
-            sum[i] += *s;
+    let mut sum = vec![0.0f32; tokens * group];
+    for t in 0..tokens {
+        let len = hi[t] + 1 - lo[t];
+        for h in 0..group {
+            let (m, mut acc) = (max[t * group + h], 0.0f32);
+            for e in scores[off[t] * group + h * len..][..len].iter_mut() {
+                *e = (*e - m).exp();
+                acc += *e;
+            }
+            sum[t * group + h] = acc;
         }
     }
     // Pass 2: every value row once, weighted into every query that sees it.
     out.fill(0.0);
     for pos in first..=last {
-        let r = kv.row_offset(pos, row) + g * d;
+        if pos + PREFETCH_ROWS <= last {
+            let r = kv.head_offset(pos + PREFETCH_ROWS, g, heads);
+            prefetch(&kv.values[r..r + d]);
+        }
+        let r = kv.head_offset(pos, g, heads);
         let value = &kv.values[r..r + d];
-        for (i, o) in out.chunks_exact_mut(d).enumerate() {
-            if pos >= lo[i] && pos <= hi[i] {
-                let w = scores[off[i] + pos - lo[i]] / sum[i];
+        for t in 0..tokens {
+            if pos < lo[t] || pos > hi[t] {
+                continue;
+            }
+            let len = hi[t] + 1 - lo[t];
+            for (h, o) in out[t * group * d..][..group * d].chunks_exact_mut(d).enumerate() {
+                let w = scores[off[t] * group + h * len + pos - lo[t]] / sum[t * group + h];
                 for (a, &b) in o.iter_mut().zip(value) {
                     *a += w * b;
                 }
             }
         }
     }
+}
+
+/// [`dots`] in AVX2 registers, four queries at a time so that each key load feeds four
+/// independent sums (one query's eight-lane sum is a chain of dependent adds). Each query
+/// gets [`dot`]'s bits: the same eight partial sums (a multiply then an add, never fused)
+/// and the same tree.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn dots_avx2(qs: &[f32], key: &[f32], scores: &mut [f32]) {
+    let d = key.len();
+    assert_eq!(qs.len(), scores.len() * d);
+    let mut h = 0;
+    while h < scores.len() {
+        let (qs, out) = (&qs[h * d..], &mut scores[h..]);
+        h += match out.len() {
+            1 => dots_n::<1>(qs, key, out),
+            2 => dots_n::<2>(qs, key, out),
+            3 => dots_n::<3>(qs, key, out),
+            _ => dots_n::<4>(qs, key, out),
+        };
+    }
+}
+
+/// `N` queries of [`dots_avx2`]; returns `N`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn dots_n<const N: usize>(qs: &[f32], key: &[f32], out: &mut [f32]) -> usize {
+    use std::arch::x86_64::*;
+    let d = key.len();
+    assert!(qs.len() >= N * d && out.len() >= N);
+    let full = d / 8 * 8;
+    let (qp, kp) = (qs.as_ptr(), key.as_ptr());
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut p = 0;
+    while p < full {
+        // SAFETY: p + 8 <= d for the key and for each of the N query rows.
+        let k = unsafe { _mm256_loadu_ps(kp.add(p)) };
+        for (n, a) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            *a = _mm256_add_ps(*a, _mm256_mul_ps(unsafe { _mm256_loadu_ps(qp.add(n * d + p)) }, k));
+        }
+        p += 8;
+    }
+    for (n, a) in acc.iter().enumerate() {
+        let mut tail = 0.0;
+        for (x, y) in qs[n * d + full..(n + 1) * d].iter().zip(&key[full..]) {
+            tail += x * y;
+        }
+        let s = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps::<1>(*a)); // [a0+a4, a1+a5, a2+a6, a3+a7]
+        let h = _mm_hadd_ps(s, s); // [s0+s1, s2+s3, ..]
+        out[n] = (_mm_cvtss_f32(h) + _mm_cvtss_f32(_mm_movehdup_ps(h))) + tail;
+    }
+    N
 }
 
 /// Dot product with eight interleaved partial sums (fixed order).
@@ -320,6 +430,27 @@ mod tests {
         }
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_dot_has_the_portable_bits() {
+        if !matches!(crate::cpu::simd::isa(), crate::cpu::simd::Isa::Avx2Fma | crate::cpu::simd::Isa::Avx512) {
+            return;
+        }
+        let f = |i: usize| ((i * 7919) % 1009) as f32 / 37.0 - 13.0;
+        for d in [1usize, 7, 8, 9, 64, 128, 131] {
+            for group in 1..=6 {
+                let qs: Vec<f32> = (0..group * d).map(f).collect();
+                let key: Vec<f32> = (0..d).map(|i| f(i + 101) * 1e-3).collect();
+                let (mut simd, mut portable) = (vec![0.0f32; group], vec![0.0f32; group]);
+                // SAFETY: AVX2 was detected above.
+                unsafe { dots_avx2(&qs, &key, &mut simd) };
+                dots(&qs, &key, &mut portable);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&simd), bits(&portable), "d = {d}, group = {group}");
+            }
+        }
+    }
+
     #[test]
     fn chunk_start_sees_only_itself() {
         let h = AttnHeads { q_heads: 1, kv_heads: 1, head_dim: 2 };
@@ -353,9 +484,55 @@ mod tests {
             pk[dst..dst + 6].copy_from_slice(&k[src..src + 6]);
             pv[dst..dst + 6].copy_from_slice(&v[src..src + 6]);
         }
-        let paged = KvHistory { keys: &pk, values: &pv, blocks: &order, block_tokens: 2, first_pos: 0, len: 10 };
+        let paged = KvHistory {
+            keys: &pk,
+            values: &pv,
+            blocks: &order,
+            block_tokens: 2,
+            first_pos: 0,
+            len: 10,
+            head_major: false,
+        };
         let mut out = vec![0.0; 6];
         attention(&q, &[9], paged, h, 0.5, mask, &mut out);
         assert_eq!(full, out);
+    }
+
+    /// Head-major blocks hold the same rows regrouped per kv head and give the same bits.
+    #[test]
+    fn head_major_blocks_give_the_row_major_bits() {
+        let h = AttnHeads { q_heads: 6, kv_heads: 3, head_dim: 4 };
+        let (row, bt, len) = (12usize, 3usize, 11usize);
+        let f = |i: usize| ((i * 7919) % 97) as f32 / 48.0 - 1.0;
+        let k: Vec<f32> = (0..len * row).map(f).collect();
+        let v: Vec<f32> = (0..len * row).map(|i| f(i + 7)).collect();
+        let order = [2u32, 0, 3, 1];
+        let (mut pk, mut pv) = (vec![0.0f32; 4 * bt * row], vec![0.0f32; 4 * bt * row]);
+        for p in 0..len {
+            let b = order[p / bt] as usize;
+            for g in 0..3 {
+                let dst = ((b * 3 + g) * bt + p % bt) * 4;
+                pk[dst..dst + 4].copy_from_slice(&k[p * row + g * 4..][..4]);
+                pv[dst..dst + 4].copy_from_slice(&v[p * row + g * 4..][..4]);
+            }
+        }
+        let pos = [5usize, 9, 10];
+        let q: Vec<f32> = (0..pos.len() * 24).map(|i| f(i + 31)).collect();
+        for mask in [AttnMask::Causal, AttnMask::Chunked { chunk: 4 }] {
+            let mut want = vec![0.0; q.len()];
+            attention(&q, &pos, KvHistory::contiguous(&k, &v, row, 0), h, 0.4, mask, &mut want);
+            let paged = KvHistory {
+                keys: &pk,
+                values: &pv,
+                blocks: &order,
+                block_tokens: bt,
+                first_pos: 0,
+                len,
+                head_major: true,
+            };
+            let mut got = vec![0.0; q.len()];
+            attention(&q, &pos, paged, h, 0.4, mask, &mut got);
+            assert_eq!(got, want, "{mask:?}");
+        }
     }
 }

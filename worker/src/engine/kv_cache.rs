@@ -62,11 +62,14 @@ pub struct KvPool {
     block_tokens: usize,
     /// `kv_heads · head_dim`
     row: usize,
+    head_dim: usize,
     layers: usize,
     /// Per layer: `Some(chunk)` for chunked attention.
     chunks: Vec<Option<usize>>,
-    keys: Vec<f32>,   // [blocks, block_tokens, row]
-    values: Vec<f32>, // [blocks, block_tokens, row]
+    // Head-major blocks (see `KvHistory::head_major`): a decode job scans one kv head, and
+    // this keeps that head's rows of a block in one contiguous run.
+    keys: Vec<f32>,   // [blocks, kv_heads, block_tokens, head_dim]
+    values: Vec<f32>, // [blocks, kv_heads, block_tokens, head_dim]
     free: Vec<u32>,
     /// `None`: grow on demand (single-sequence tools and tests).
     capacity: Option<usize>,
@@ -107,6 +110,7 @@ impl KvPool {
         Self {
             block_tokens,
             row: config.num_key_value_heads * config.head_dim,
+            head_dim: config.head_dim,
             layers: config.num_hidden_layers,
             chunks,
             keys: Vec::new(),
@@ -189,11 +193,16 @@ impl KvPool {
             };
             l.blocks.push(block);
         }
+        let d = self.head_dim;
         for i in 0..n {
             let idx = start + i - l.first_pos;
-            let at = (l.blocks[idx / bt] as usize * bt + idx % bt) * row;
-            self.keys[at..at + row].copy_from_slice(&keys[i * row..(i + 1) * row]);
-            self.values[at..at + row].copy_from_slice(&values[i * row..(i + 1) * row]);
+            let block = l.blocks[idx / bt] as usize;
+            for g in 0..row / d {
+                let at = ((block * (row / d) + g) * bt + idx % bt) * d;
+                let from = i * row + g * d;
+                self.keys[at..at + d].copy_from_slice(&keys[from..from + d]);
+                self.values[at..at + d].copy_from_slice(&values[from..from + d]);
+            }
         }
         Ok(())
     }
@@ -209,6 +218,7 @@ impl KvPool {
             block_tokens: self.block_tokens,
             first_pos: l.first_pos,
             len: seq.len + pending - l.first_pos,
+            head_major: true,
         }
     }
 
