@@ -268,7 +268,8 @@ fn run_group(
     let mut report = |r: Report| {
         let _ = notes.send(GroupNote::Report(r));
     };
-    let lockstep_config = LockstepConfig { load: Some(load), ..LockstepConfig::default() };
+    // The agent runs one group at a time (`leave` joins the old group's thread first).
+    let lockstep_config = LockstepConfig { load: Some(load), steps_on_pool: true, ..LockstepConfig::default() };
     lockstep::run(&mut engine, &mut runner, commands, &mut report, lockstep_config)
         .map(|_| ())
         .map_err(|e| format!("group of epoch {} failed: {e}", a.epoch))

@@ -32,11 +32,17 @@ pub struct LockstepConfig {
     pub idle_wait: Duration,
     /// Where the loop publishes the engine's load after every iteration (for heartbeats).
     pub load: Option<Arc<Mutex<Load>>>,
+    /// Run each step on a thread of the compute pool
+    /// ([`on_pool`](herd_kernels::cpu::parallel::on_pool)), which saves two thread
+    /// handoffs per parallel region. Only for a process whose one engine is this loop: a
+    /// step holds its pool thread through the group's collectives, so engines of one
+    /// process sharing a smaller pool would wait on each other forever.
+    pub steps_on_pool: bool,
 }
 
 impl Default for LockstepConfig {
     fn default() -> Self {
-        Self { idle_wait: Duration::from_millis(2), load: None }
+        Self { idle_wait: Duration::from_millis(2), load: None, steps_on_pool: false }
     }
 }
 
@@ -108,7 +114,12 @@ pub fn run(
             }
             continue;
         }
-        match engine.step_with(runner) {
+        let step = if config.steps_on_pool {
+            herd_kernels::cpu::parallel::on_pool(|| engine.step_with(runner))
+        } else {
+            engine.step_with(runner)
+        };
+        match step {
             Ok((events, _)) => deliver(events, report),
             Err(e) => break Err(LockstepError::from(e)),
         }

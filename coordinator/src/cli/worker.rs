@@ -177,7 +177,9 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
             report_err.get_or_insert(e);
         }
     };
-    let result = lockstep::run(&mut engine, &mut runner, &replay_rx, &mut report, LockstepConfig::default());
+    // This process runs one engine, so its steps may hold a compute-pool thread.
+    let config = LockstepConfig { steps_on_pool: true, ..LockstepConfig::default() };
+    let result = lockstep::run(&mut engine, &mut runner, &replay_rx, &mut report, config);
     let stats = runner.transport().stats();
     match result {
         Ok(loop_stats) => {

@@ -5,7 +5,7 @@ pub mod attention;
 pub mod matmul;
 mod matmul_q;
 pub mod norm;
+pub mod parallel;
 pub mod rope;
 
-mod parallel;
 mod simd;

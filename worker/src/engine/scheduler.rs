@@ -264,9 +264,10 @@ impl Engine {
         std::mem::take(&mut self.events)
     }
 
-    /// Run one step with local experts.
+    /// Run one step with local experts, on a thread of the compute pool (see
+    /// [`on_pool`](herd_kernels::cpu::parallel::on_pool): no step of local experts waits on a peer).
     pub fn step(&mut self) -> Result<(Vec<Event>, StepStats), EngineError> {
-        self.step_with(&mut crate::model::moe::LocalExperts)
+        herd_kernels::cpu::parallel::on_pool(|| self.step_with(&mut crate::model::moe::LocalExperts))
     }
 
     /// Run one step; `experts` runs the MoE layers (it may join collectives, so in a

@@ -45,7 +45,7 @@ impl Routing {
 /// that ships each token to the worker holding its expert. Every worker calls the runner for
 /// every MoE layer of every step, even with no tokens, because the runner may join
 /// collectives with its peers.
-pub trait ExpertRunner {
+pub trait ExpertRunner: Send {
     /// `x`: `[tokens, hidden]` post-norm activations; returns the routed output
     /// `[tokens, hidden]`: each token's expert outputs summed in expert-index order.
     fn run(&mut self, layer: usize, block: &MoeBlock, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError>;

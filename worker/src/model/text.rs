@@ -185,7 +185,8 @@ impl TextModel {
     /// each sequence's requested logits as `[rows, vocab]` (rows = 0, 1 or its token count,
     /// per [`LogitsFor`]).
     pub fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
-        self.forward_with(pool, batch, &mut LocalExperts)
+        // Local experts never wait on a peer, so the step may hold a compute-pool thread.
+        herd_kernels::cpu::parallel::on_pool(|| self.forward_with(pool, batch, &mut LocalExperts))
     }
 
     /// [`forward`](Self::forward) with routed experts run by `experts` (e.g. over the
