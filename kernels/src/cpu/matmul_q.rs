@@ -33,6 +33,16 @@ trait QuantRows: Copy + Send + Sync {
     fn elem(&self, j: usize, p: usize) -> f32;
     /// Turn row `j`'s dot product with the `chunk` weights into the output value.
     fn finish(&self, j: usize, dot: f32) -> f32;
+    /// Row `j` (`k` weights) as `chunk` and `elem` give them.
+    fn decode_row(&self, j: usize, out: &mut [f32]) {
+        let full = out.len() / LANES * LANES;
+        for (c, chunk) in out[..full].as_chunks_mut::<LANES>().0.iter_mut().enumerate() {
+            self.chunk(j, c, chunk);
+        }
+        for (p, v) in out.iter_mut().enumerate().skip(full) {
+            *v = self.elem(j, p);
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -67,6 +77,18 @@ impl QuantRows for Fp8Rows<'_> {
     #[inline(always)]
     fn finish(&self, j: usize, dot: f32) -> f32 {
         dot * self.scales[j]
+    }
+
+    fn decode_row(&self, j: usize, out: &mut [f32]) {
+        let row = &self.codes[j * self.k..(j + 1) * self.k];
+        #[cfg(target_arch = "x86_64")]
+        if matches!(super::simd::isa(), Isa::Avx2Fma | Isa::Avx512) {
+            // SAFETY: AVX2 and F16C were detected at run time.
+            return unsafe { fp8_decode::decode_row_avx2(row, out) };
+        }
+        for (v, &b) in out.iter_mut().zip(row) {
+            *v = e4m3_fast(b);
+        }
     }
 }
 
@@ -236,78 +258,92 @@ unsafe fn block<Q: QuantRows, const FMA: bool>(
         }
         return;
     }
-    // Batches: each pair of weight rows is decoded once into f32 and reused by every
-    // activation row (decoding per 4-row tile made the batch cost several decodes per weight).
-    let mut decoded = vec![0.0f32; 2 * k]; // [2, k]
+    // Batches: a panel of weight rows is decoded once into f32 and every block of
+    // `ROW_BLOCK` activation rows passes over it, so the panel and the row block both stay in
+    // L2. (Without the row blocks each pair of weight rows streamed the whole activation
+    // matrix, 2 MiB at a 512-token prompt, from L3.)
+    let panel = panel_rows(k);
+    let mut decoded = vec![0.0f32; panel.min(j1 - j0) * k]; // [panel rows, k]
     let mut j = j0;
     while j < j1 {
-        let two = j + 2 <= j1;
-        decode_rows(q, j, if two { 2 } else { 1 }, k, &mut decoded);
-        #[cfg(target_arch = "x86_64")]
-        if FMA && two {
-            let mut i = 0;
-            while i < m {
-                let store = |a: usize, row: [f32; 2]| {
-                    put(i + a, j, q.finish(j, row[0]));
-                    put(i + a, j + 1, q.finish(j + 1, row[1]));
-                };
-                // SAFETY: `FMA` is only set on the AVX2+FMA path (`block_avx2`); rows exist.
-                if i + 2 <= m {
-                    let r = unsafe { batch_avx2::dots_2rows::<2>([xr(i), xr(i + 1)], &decoded, k) };
-                    store(0, r[0]);
-                    store(1, r[1]);
-                    i += 2;
-                } else {
-                    store(0, unsafe { batch_avx2::dots_2rows::<1>([xr(i)], &decoded, k) }[0]);
-                    i += 1;
-                }
-            }
-            j += 2;
-            continue;
-        }
-        let q = Decoded { q, j0: j, w: &decoded, k };
-        let mut i = 0;
-        while i < m {
-            let rows = (m - i).min(4);
-            macro_rules! tile {
-                ($mr:literal, $xs:expr) => {{
-                    if two {
-                        let r = tile::<_, $mr, 2, FMA>(q, $xs, [j, j + 1]);
-                        for (a, row) in r.iter().enumerate() {
-                            put(i + a, j, row[0]);
-                            put(i + a, j + 1, row[1]);
-                        }
-                    } else {
-                        let r = tile::<_, $mr, 1, FMA>(q, $xs, [j]);
-                        for (a, row) in r.iter().enumerate() {
-                            put(i + a, j, row[0]);
+        let rows = (j1 - j).min(panel);
+        decode_rows(q, j, rows, k, &mut decoded);
+        let dq = Decoded { q, j0: j, w: &decoded[..rows * k], k };
+        for i0 in (0..m).step_by(ROW_BLOCK) {
+            let i1 = (i0 + ROW_BLOCK).min(m);
+            let mut t = 0;
+            while t < rows {
+                let (jt, two) = (j + t, t + 2 <= rows);
+                #[cfg(target_arch = "x86_64")]
+                if FMA && two {
+                    let w = &decoded[t * k..(t + 2) * k];
+                    let mut i = i0;
+                    while i < i1 {
+                        let store = |a: usize, row: [f32; 2]| {
+                            put(i + a, jt, q.finish(jt, row[0]));
+                            put(i + a, jt + 1, q.finish(jt + 1, row[1]));
+                        };
+                        // SAFETY: `FMA` is only set on the AVX2+FMA path (`block_avx2`); rows exist.
+                        if i + 2 <= i1 {
+                            let r = unsafe { batch_avx2::dots_2rows::<2>([xr(i), xr(i + 1)], w, k) };
+                            store(0, r[0]);
+                            store(1, r[1]);
+                            i += 2;
+                        } else {
+                            store(0, unsafe { batch_avx2::dots_2rows::<1>([xr(i)], w, k) }[0]);
+                            i += 1;
                         }
                     }
-                }};
+                    t += 2;
+                    continue;
+                }
+                let mut i = i0;
+                while i < i1 {
+                    let mr = (i1 - i).min(4);
+                    macro_rules! tile {
+                        ($mr:literal, $xs:expr) => {{
+                            if two {
+                                let r = tile::<_, $mr, 2, FMA>(dq, $xs, [jt, jt + 1]);
+                                for (a, row) in r.iter().enumerate() {
+                                    put(i + a, jt, row[0]);
+                                    put(i + a, jt + 1, row[1]);
+                                }
+                            } else {
+                                let r = tile::<_, $mr, 1, FMA>(dq, $xs, [jt]);
+                                for (a, row) in r.iter().enumerate() {
+                                    put(i + a, jt, row[0]);
+                                }
+                            }
+                        }};
+                    }
+                    match mr {
+                        4 => tile!(4, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)]),
+                        3 => tile!(3, [xr(i), xr(i + 1), xr(i + 2)]),
+                        2 => tile!(2, [xr(i), xr(i + 1)]),
+                        _ => tile!(1, [xr(i)]),
+                    }
+                    i += mr;
+                }
+                t += if two { 2 } else { 1 };
             }
-            match rows {
-                4 => tile!(4, [xr(i), xr(i + 1), xr(i + 2), xr(i + 3)]),
-                3 => tile!(3, [xr(i), xr(i + 1), xr(i + 2)]),
-                2 => tile!(2, [xr(i), xr(i + 1)]),
-                _ => tile!(1, [xr(i)]),
-            }
-            i += rows;
         }
-        j += if two { 2 } else { 1 };
+        j += rows;
     }
+}
+
+/// Activation rows per block of the batched kernel: 64 rows of a 4 KiB row (k = 1024) take
+/// 256 KiB of a 512 KiB L2, next to a decoded weight panel.
+const ROW_BLOCK: usize = 64;
+
+/// Weight rows decoded per panel: about 128 KiB of f32, an even number from 2 to 32.
+fn panel_rows(k: usize) -> usize {
+    ((128 << 10) / (4 * k.max(1))).clamp(2, 32) & !1
 }
 
 /// Weight rows `j0..j0 + rows` of `q`, decoded: exactly the values of `q.chunk` / `q.elem`.
 fn decode_rows<Q: QuantRows>(q: Q, j0: usize, rows: usize, k: usize, out: &mut [f32]) {
-    let full = k / LANES * LANES;
     for r in 0..rows {
-        let row = &mut out[r * k..(r + 1) * k];
-        for (c, chunk) in row[..full].as_chunks_mut::<LANES>().0.iter_mut().enumerate() {
-            q.chunk(j0 + r, c, chunk);
-        }
-        for (p, v) in row.iter_mut().enumerate().skip(full) {
-            *v = q.elem(j0 + r, p);
-        }
+        q.decode_row(j0 + r, &mut out[r * k..(r + 1) * k]);
     }
 }
 

@@ -169,6 +169,31 @@ unsafe fn tile<const BITS: bool, const R: usize>(
     }
 }
 
+/// One row of e4m3 codes → their f32 values (exactly [`e4m3_fast`]'s), for the batch
+/// kernel's decoded weight panels: [`decode16_bits`] then the exact multiply by 2¹²⁰.
+///
+/// # Safety
+/// AVX2 and F16C are available.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn decode_row_avx2(codes: &[u8], out: &mut [f32]) {
+    assert_eq!(codes.len(), out.len());
+    let full = codes.len() / LANES * LANES;
+    let up = _mm256_set1_ps(f32::from_bits((127 + 120) << 23));
+    let mut c = 0;
+    while c < full {
+        // SAFETY: c + 16 <= len for both slices.
+        unsafe {
+            let (lo, hi) = decode16_bits(codes.as_ptr().add(c));
+            _mm256_storeu_ps(out.as_mut_ptr().add(c), _mm256_mul_ps(lo, up));
+            _mm256_storeu_ps(out.as_mut_ptr().add(c + 8), _mm256_mul_ps(hi, up));
+        }
+        c += LANES;
+    }
+    for (v, &b) in out[full..].iter_mut().zip(&codes[full..]) {
+        *v = e4m3_fast(b);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,8 +216,12 @@ mod tests {
                 v
             };
             let (bits, f16) = (lanes(bits), lanes(f16));
+            let mut row = [0.0f32; 16];
+            // SAFETY: as above.
+            unsafe { decode_row_avx2(&codes, &mut row) };
             for (l, &c) in codes.iter().enumerate() {
                 let want = e4m3_fast(c);
+                assert_eq!(row[l].to_bits(), want.to_bits(), "code {c:#04x} (row)");
                 assert_eq!(bits[l] * f32::from_bits((127 + 120) << 23), want, "code {c:#04x} (bits)");
                 if !crate::quant::e4m3_to_f32(c).is_nan() {
                     assert_eq!(f16[l] * 256.0, want, "code {c:#04x} (f16)");

@@ -216,3 +216,24 @@ fn quantized_slices_must_be_whole_rows() {
     let q = Q::fp8(&[0.1; 40], 4, 10);
     let _ = q.elems().slice(5, 10);
 }
+
+/// A batch that spans several activation-row blocks and weight panels (odd rows at the
+/// panel ends) gives each row the bits it has alone.
+#[test]
+fn batches_across_row_blocks_and_panels_keep_each_rows_bits() {
+    let mut rng = ChaCha8Rng::seed_from_u64(25);
+    let (m, n, k) = (70, 75, 200);
+    assert!(m > ROW_BLOCK && n > panel_rows(k) && panel_rows(k) % 2 == 0);
+    let w = rand_vec(&mut rng, n * k);
+    let x = rand_vec(&mut rng, m * k);
+    for q in [Q::fp8(&w, n, k), Q::int4(&w, n, k)] {
+        let mut batch = vec![0.0; m * n];
+        matmul_t(&x, q.mat(n), &mut batch);
+        check_close(&batch, &reference(&x, &q, m, n, k), k, "batch");
+        for r in [0, 1, 63, 64, 65, 69] {
+            let mut alone = vec![0.0; n];
+            matmul_t(&x[r * k..(r + 1) * k], q.mat(n), &mut alone);
+            assert_eq!(alone, batch[r * n..(r + 1) * n], "row {r}, int4 {}", q.int4);
+        }
+    }
+}
