@@ -223,7 +223,7 @@ fn quantized_slices_must_be_whole_rows() {
 fn batches_across_row_blocks_and_panels_keep_each_rows_bits() {
     let mut rng = ChaCha8Rng::seed_from_u64(25);
     let (m, n, k) = (70, 75, 200);
-    assert!(m > ROW_BLOCK && n > panel_rows(k) && panel_rows(k) % 2 == 0);
+    assert!(m > ROW_BLOCK && n > panel_rows(k) && panel_rows(k).is_multiple_of(2));
     let w = rand_vec(&mut rng, n * k);
     let x = rand_vec(&mut rng, m * k);
     for q in [Q::fp8(&w, n, k), Q::int4(&w, n, k)] {
