@@ -158,18 +158,23 @@ struct Job<'a> {
 fn run_job(job: &Job<'_>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if matches!(super::simd::isa(), super::simd::Isa::Avx2Fma | super::simd::Isa::Avx512) {
-        // SAFETY: AVX2 was detected at run time. The body has no fused multiply-adds (Rust
-        // never contracts `a * b + c`), so it computes the same bits as the portable build.
+        // SAFETY: AVX2 and FMA were detected at run time.
         return unsafe { run_job_avx2(job, out) };
     }
-    run_job_body(job, out, dots, |_| {})
+    run_job_body(job, out, dots, |o, w, v, offs, _| weigh(o, w, v, offs), |_| {})
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn run_job_avx2(job: &Job<'_>, out: &mut [f32]) {
-    // The closures inherit this function's AVX2, which is all `dots_avx2` needs.
-    run_job_body(job, out, |qs, key, s| dots_avx2(qs, key, s), prefetch_row)
+    // The closures inherit this function's AVX2 and FMA, all that the kernels need.
+    run_job_body(
+        job,
+        out,
+        |qs, key, s| dots_avx2(qs, key, s),
+        |o, w, v, offs, stream| weigh_avx2(o, w, v, offs, stream),
+        prefetch_row,
+    )
 }
 
 /// Rows ahead that the scan over the history prefetches: a head's slice of a row (512 B at
@@ -200,11 +205,18 @@ fn dots(qs: &[f32], key: &[f32], scores: &mut [f32]) {
 /// `out`: `[t1 - t0, group, head_dim]`.
 ///
 /// The heads of one token share their visible keys, so the scan handles a token's `group`
-/// queries together: `dots` is [`dots`] or a SIMD form with the same bits (each query's
-/// sum in the same order), and `prefetch` hints a row slice that the scan reaches
-/// [`PREFETCH_ROWS`] rows later (or does nothing).
+/// queries together: `dots` is [`dots`] or its AVX2 form, `weigh` [`weigh`] or its AVX2
+/// form, and `prefetch` hints a row slice that the scan reaches [`PREFETCH_ROWS`] rows
+/// later (or does nothing). Each instruction set fixes every query's operations and their
+/// order, so a query's bits do not depend on the job around it.
 #[inline(always)]
-fn run_job_body(job: &Job<'_>, out: &mut [f32], dots: impl Fn(&[f32], &[f32], &mut [f32]), prefetch: impl Fn(&[f32])) {
+fn run_job_body(
+    job: &Job<'_>,
+    out: &mut [f32],
+    dots: impl Fn(&[f32], &[f32], &mut [f32]),
+    weigh: impl Fn(&mut [f32], &[f32], &[f32], &[usize], bool),
+    prefetch: impl Fn(&[f32]),
+) {
     let Job { q, positions, kv, heads, scale, mask, g, t0, t1 } = *job;
     let AttnHeads { q_heads, kv_heads, head_dim: d } = heads;
     let group = q_heads / kv_heads;
@@ -223,13 +235,14 @@ fn run_job_body(job: &Job<'_>, out: &mut [f32], dots: impl Fn(&[f32], &[f32], &m
     let mut scores = vec![0.0f32; off[tokens] * group];
     let mut max = vec![f32::NEG_INFINITY; tokens * group];
     let mut s = vec![0.0f32; group];
+    // Element offset of kv head g's slice at each position first..=last (keys and values).
+    let offs: Vec<usize> = (first..=last).map(|pos| kv.head_offset(pos, g, heads)).collect();
     // Pass 1: every key row once, against every query of the job that sees it.
     for pos in first..=last {
-        if pos + PREFETCH_ROWS <= last {
-            let r = kv.head_offset(pos + PREFETCH_ROWS, g, heads);
+        if let Some(&r) = offs.get(pos + PREFETCH_ROWS - first) {
             prefetch(&kv.keys[r..r + d]);
         }
-        let r = kv.head_offset(pos, g, heads);
+        let r = offs[pos - first];
         let key = &kv.keys[r..r + d];
         for t in 0..tokens {
             if pos < lo[t] || pos > hi[t] {
@@ -245,48 +258,154 @@ fn run_job_body(job: &Job<'_>, out: &mut [f32], dots: impl Fn(&[f32], &[f32], &m
             }
         }
     }
-    let mut sum = vec![0.0f32; tokens * group];
+    // Softmax weights, normalised in place.
     for t in 0..tokens {
         let len = hi[t] + 1 - lo[t];
         for h in 0..group {
-            let (m, mut acc) = (max[t * group + h], 0.0f32);
-            for e in scores[off[t] * group + h * len..][..len].iter_mut() {
+            let (m, mut sum) = (max[t * group + h], 0.0f32);
+            let w = &mut scores[off[t] * group + h * len..][..len];
+            for e in w.iter_mut() {
                 *e = (*e - m).exp();
-                acc += *e;
+                sum += *e;
             }
-            sum[t * group + h] = acc;
+            w.iter_mut().for_each(|e| *e /= sum);
         }
     }
-    // Pass 2: every value row once, weighted into every query that sees it.
+    // Pass 2: each token's weighted sum of the value rows it sees.
     out.fill(0.0);
-    for pos in first..=last {
-        if pos + PREFETCH_ROWS <= last {
-            let r = kv.head_offset(pos + PREFETCH_ROWS, g, heads);
+    if tokens == 1 {
+        // Decode: prefetch the value rows of the scan ahead (one pass in position order).
+        for &r in offs.iter().take(PREFETCH_ROWS) {
             prefetch(&kv.values[r..r + d]);
         }
-        let r = kv.head_offset(pos, g, heads);
-        let value = &kv.values[r..r + d];
-        for t in 0..tokens {
-            if pos < lo[t] || pos > hi[t] {
-                continue;
-            }
-            let len = hi[t] + 1 - lo[t];
-            for (h, o) in out[t * group * d..][..group * d].chunks_exact_mut(d).enumerate() {
-                let w = scores[off[t] * group + h * len + pos - lo[t]] / sum[t * group + h];
-                for (a, &b) in o.iter_mut().zip(value) {
-                    *a += w * b;
-                }
+    }
+    for t in 0..tokens {
+        let len = hi[t] + 1 - lo[t];
+        let o = &mut out[t * group * d..][..group * d];
+        weigh(o, &scores[off[t] * group..][..group * len], kv.values, &offs[lo[t] - first..][..len], tokens == 1);
+    }
+}
+
+/// `o[h] += Σ_p w[h, p] · values[offs[p]..][..head_dim]` for each query `h` of a group, in
+/// position order (a multiply then an add). `o`: `[group, head_dim]`, `w`: `[group, len]`.
+fn weigh(o: &mut [f32], w: &[f32], values: &[f32], offs: &[usize]) {
+    let len = offs.len();
+    let d = o.len() / (w.len() / len.max(1)).max(1);
+    for (p, &r) in offs.iter().enumerate() {
+        let v = &values[r..r + d];
+        for (h, oh) in o.chunks_exact_mut(d).enumerate() {
+            let wp = w[h * len + p];
+            for (a, &b) in oh.iter_mut().zip(v) {
+                *a += wp * b;
             }
         }
     }
 }
 
-/// [`dots`] in AVX2 registers, four queries at a time so that each key load feeds four
-/// independent sums (one query's eight-lane sum is a chain of dependent adds). Each query
-/// gets [`dot`]'s bits: the same eight partial sums (a multiply then an add, never fused)
-/// and the same tree.
+/// [`weigh`] with fused multiply-adds in AVX2 registers. Prefill keeps a 16-wide column
+/// strip of up to five queries' sums in registers over every position (its jobs' value rows
+/// sit in L2); a long decode scan (`stream`, over 256 rows) goes position by position so the
+/// value rows stream from memory once. The two orders do the same fused multiply-add per
+/// element in position order: same bits.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
+fn weigh_avx2(o: &mut [f32], w: &[f32], values: &[f32], offs: &[usize], stream: bool) {
+    use std::arch::x86_64::*;
+    let len = offs.len();
+    if len == 0 {
+        return;
+    }
+    let group = w.len() / len;
+    let d = o.len() / group;
+    assert!(offs.iter().all(|&r| r + d <= values.len()) && o.len() == group * d);
+    let (vp, op) = (values.as_ptr(), o.as_mut_ptr());
+    let full = d / 8 * 8;
+    if stream && len > 256 {
+        for (p, &r) in offs.iter().enumerate() {
+            if let Some(&next) = offs.get(p + PREFETCH_ROWS) {
+                prefetch_row(&values[next..next + d]);
+            }
+            for h in 0..group {
+                let wp = w[h * len + p];
+                let wv = _mm256_set1_ps(wp);
+                let mut c = 0;
+                while c < full {
+                    // SAFETY: r + c + 8 <= r + d <= values.len(); h·d + c + 8 <= o.len().
+                    unsafe {
+                        let a = _mm256_loadu_ps(op.add(h * d + c));
+                        _mm256_storeu_ps(op.add(h * d + c), _mm256_fmadd_ps(wv, _mm256_loadu_ps(vp.add(r + c)), a));
+                    }
+                    c += 8;
+                }
+                for c in full..d {
+                    o[h * d + c] = wp.mul_add(values[r + c], o[h * d + c]);
+                }
+            }
+        }
+        return;
+    }
+    let mut h0 = 0;
+    while h0 < group {
+        let hn = (group - h0).min(5);
+        match hn {
+            1 => weigh_strips::<1>(o, w, values, offs, h0, d),
+            2 => weigh_strips::<2>(o, w, values, offs, h0, d),
+            3 => weigh_strips::<3>(o, w, values, offs, h0, d),
+            4 => weigh_strips::<4>(o, w, values, offs, h0, d),
+            _ => weigh_strips::<5>(o, w, values, offs, h0, d),
+        }
+        h0 += hn;
+    }
+}
+
+/// Queries `h0..h0 + H` of [`weigh_avx2`], 16 (then 8, then 1) columns at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+fn weigh_strips<const H: usize>(o: &mut [f32], w: &[f32], values: &[f32], offs: &[usize], h0: usize, d: usize) {
+    use std::arch::x86_64::*;
+    let len = offs.len();
+    let (vp, op, wp) = (values.as_ptr(), o.as_mut_ptr(), w.as_ptr());
+    let mut c = 0;
+    while c + 16 <= d {
+        let mut acc = [[_mm256_setzero_ps(); 2]; H];
+        for (p, &r) in offs.iter().enumerate() {
+            // SAFETY: r + c + 16 <= r + d, checked by the caller against values.len().
+            let (v0, v1) = unsafe { (_mm256_loadu_ps(vp.add(r + c)), _mm256_loadu_ps(vp.add(r + c + 8))) };
+            for (h, a) in acc.iter_mut().enumerate() {
+                // SAFETY: (h0 + h)·len + p < group·len = w.len().
+                let wv = _mm256_set1_ps(unsafe { *wp.add((h0 + h) * len + p) });
+                a[0] = _mm256_fmadd_ps(wv, v0, a[0]);
+                a[1] = _mm256_fmadd_ps(wv, v1, a[1]);
+            }
+        }
+        for (h, a) in acc.iter().enumerate() {
+            // SAFETY: (h0 + h)·d + c + 16 <= o.len(); `o` starts at zero, so adding the
+            // strip's sums to it is the same first fused step as accumulating into it.
+            unsafe {
+                let at = op.add((h0 + h) * d + c);
+                _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), a[0]));
+                _mm256_storeu_ps(at.add(8), _mm256_add_ps(_mm256_loadu_ps(at.add(8)), a[1]));
+            }
+        }
+        c += 16;
+    }
+    for c in c..d {
+        for h in h0..h0 + H {
+            let mut a = o[h * d + c];
+            for (p, &r) in offs.iter().enumerate() {
+                a = w[h * len + p].mul_add(values[r + c], a);
+            }
+            o[h * d + c] = a;
+        }
+    }
+}
+
+/// [`dots`] in AVX2 registers, four queries at a time so that each key load feeds four
+/// independent sums (one query's eight-lane sum is a chain of dependent adds): [`dot`]'s
+/// eight partial sums and tree, with fused multiply-adds.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
 fn dots_avx2(qs: &[f32], key: &[f32], scores: &mut [f32]) {
     let d = key.len();
     assert_eq!(qs.len(), scores.len() * d);
@@ -304,7 +423,7 @@ fn dots_avx2(qs: &[f32], key: &[f32], scores: &mut [f32]) {
 
 /// `N` queries of [`dots_avx2`]; returns `N`.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 #[inline]
 fn dots_n<const N: usize>(qs: &[f32], key: &[f32], out: &mut [f32]) -> usize {
     use std::arch::x86_64::*;
@@ -319,14 +438,14 @@ fn dots_n<const N: usize>(qs: &[f32], key: &[f32], out: &mut [f32]) -> usize {
         let k = unsafe { _mm256_loadu_ps(kp.add(p)) };
         for (n, a) in acc.iter_mut().enumerate() {
             // SAFETY: as above.
-            *a = _mm256_add_ps(*a, _mm256_mul_ps(unsafe { _mm256_loadu_ps(qp.add(n * d + p)) }, k));
+            *a = _mm256_fmadd_ps(unsafe { _mm256_loadu_ps(qp.add(n * d + p)) }, k, *a);
         }
         p += 8;
     }
     for (n, a) in acc.iter().enumerate() {
         let mut tail = 0.0;
         for (x, y) in qs[n * d + full..(n + 1) * d].iter().zip(&key[full..]) {
-            tail += x * y;
+            tail = x.mul_add(*y, tail);
         }
         let s = _mm_add_ps(_mm256_castps256_ps128(*a), _mm256_extractf128_ps::<1>(*a)); // [a0+a4, a1+a5, a2+a6, a3+a7]
         let h = _mm_hadd_ps(s, s); // [s0+s1, s2+s3, ..]
@@ -430,23 +549,55 @@ mod tests {
         }
     }
 
+    /// The AVX2 kernels compute [`dot`]'s and [`weigh`]'s sums in the same order with each
+    /// multiply-add fused: checked against scalar `mul_add` in that order, for both of
+    /// `weigh_avx2`'s loop orders.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn simd_dot_has_the_portable_bits() {
+    fn simd_kernels_fuse_in_the_portable_order() {
         if !matches!(crate::cpu::simd::isa(), crate::cpu::simd::Isa::Avx2Fma | crate::cpu::simd::Isa::Avx512) {
             return;
         }
         let f = |i: usize| ((i * 7919) % 1009) as f32 / 37.0 - 13.0;
-        for d in [1usize, 7, 8, 9, 64, 128, 131] {
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for d in [1usize, 7, 8, 9, 24, 88, 128, 131] {
             for group in 1..=6 {
                 let qs: Vec<f32> = (0..group * d).map(f).collect();
                 let key: Vec<f32> = (0..d).map(|i| f(i + 101) * 1e-3).collect();
-                let (mut simd, mut portable) = (vec![0.0f32; group], vec![0.0f32; group]);
-                // SAFETY: AVX2 was detected above.
+                let mut simd = vec![0.0f32; group];
+                // SAFETY: AVX2 and FMA were detected above.
                 unsafe { dots_avx2(&qs, &key, &mut simd) };
-                dots(&qs, &key, &mut portable);
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&simd), bits(&portable), "d = {d}, group = {group}");
+                let want: Vec<f32> = qs
+                    .chunks_exact(d)
+                    .map(|qv| {
+                        let full = d / 8 * 8;
+                        let mut lane = [0.0f32; 8];
+                        for p in 0..full {
+                            lane[p % 8] = qv[p].mul_add(key[p], lane[p % 8]);
+                        }
+                        let tail = (full..d).fold(0.0f32, |t, p| qv[p].mul_add(key[p], t));
+                        let s: Vec<f32> = (0..4).map(|l| lane[l] + lane[l + 4]).collect();
+                        ((s[0] + s[1]) + (s[2] + s[3])) + tail
+                    })
+                    .collect();
+                assert_eq!(bits(&simd), bits(&want), "dots: d = {d}, group = {group}");
+                for len in [1usize, 5, 300] {
+                    let values: Vec<f32> = (0..(len + 3) * d).map(|i| f(i + 7)).collect();
+                    let offs: Vec<usize> = (0..len).map(|p| ((p * 5) % (len + 3)) * d).collect();
+                    let w: Vec<f32> = (0..group * len).map(|i| f(i + 3) * 1e-2).collect();
+                    let mut got = vec![0.0f32; group * d];
+                    // SAFETY: as above.
+                    unsafe { weigh_avx2(&mut got, &w, &values, &offs, len > 100) };
+                    let mut want = vec![0.0f32; group * d];
+                    for (h, o) in want.chunks_exact_mut(d).enumerate() {
+                        for (p, &r) in offs.iter().enumerate() {
+                            for (c, a) in o.iter_mut().enumerate() {
+                                *a = w[h * len + p].mul_add(values[r + c], *a);
+                            }
+                        }
+                    }
+                    assert_eq!(bits(&got), bits(&want), "weigh: d = {d}, group = {group}, len = {len}");
+                }
             }
         }
     }
