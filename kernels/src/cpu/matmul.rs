@@ -154,7 +154,12 @@ fn split<W: Widen>(layout: Layout, x: &[f32], w: &[W], m: usize, n: usize, k: us
     // Blocks are whole register tiles: 8 columns for decode, 24 (the 3-wide nn.Linear tile
     // and the 8-wide expert tile both divide it) for batches.
     let align = if m == 1 { 8 } else { 24 };
-    let nb = block_size(n, align, m * n * k);
+    let mut nb = block_size(n, align, m * n * k);
+    if m == 1 && layout == Layout::KN && nb < n {
+        // Decode of an input-major matrix walks every weight row: one contiguous column
+        // range per thread keeps each row's part one long run.
+        nb = n.div_ceil(rayon::current_num_threads()).next_multiple_of(align);
+    }
     let job = Job { x, w, m, n, k, dst: SharedOut(out.as_mut_ptr()) };
     let isa = isa();
     let run = |j0: usize| {

@@ -226,6 +226,55 @@ unsafe fn tile_kn<W: Widen, const MR: usize, const NV: usize>(
     }
 }
 
+/// Weight rows ahead that [`decode_kn`] prefetches.
+const KN_PREFETCH_ROWS: usize = 4;
+
+/// Columns `[j0, j1)` of `x[1, k] · W[k, n]`, a row of `W` at a time: each weight row's
+/// column range is one contiguous run, and the sums live in the output (L1) between rows.
+/// A tile of 64 columns walking all `k` rows instead read 128 bytes per row at a stride of
+/// a whole row (3 KiB for Scout's fused gate/up), which the prefetchers follow poorly.
+/// Each output element still gets `fma(x[p], w[p, j], ·)` for `p` in order from zero:
+/// the bits of [`tile_kn`].
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and F16C; `x` has `k` values, `w` `k` rows of `n`, and `out`
+/// `n` elements of which only this task writes `[j0, j1)`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn decode_kn<W: Widen>(x: *const f32, w: *const W, k: usize, n: usize, j0: usize, j1: usize, out: *mut f32) {
+    let cols = j1 - j0;
+    let full = cols / 8 * 8;
+    // SAFETY: [j0, j1) of the n-element output belongs to this task.
+    let acc = unsafe { std::slice::from_raw_parts_mut(out.add(j0), cols) };
+    acc.fill(0.0);
+    let ap = acc.as_mut_ptr();
+    for p in 0..k {
+        let row = w.wrapping_add(p * n + j0);
+        let ahead = row.wrapping_add(KN_PREFETCH_ROWS * n).cast::<u8>();
+        if p + KN_PREFETCH_ROWS < k {
+            let mut off = 0;
+            while off < cols * std::mem::size_of::<W>() {
+                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast::<i8>());
+                off += 64;
+            }
+        }
+        // SAFETY: p < k.
+        let xv = unsafe { *x.add(p) };
+        let xb = _mm256_set1_ps(xv);
+        let mut c = 0;
+        while c < full {
+            // SAFETY: c + 8 <= cols within row p's range and the accumulators.
+            unsafe {
+                _mm256_storeu_ps(ap.add(c), _mm256_fmadd_ps(xb, W::load8(row.add(c)), _mm256_loadu_ps(ap.add(c))))
+            };
+            c += 8;
+        }
+        for c in full..cols {
+            // SAFETY: as above.
+            acc[c] = xv.mul_add(unsafe { *row.add(c) }.widen(), acc[c]);
+        }
+    }
+}
+
 /// Columns `[j0, j1)` of `x · W`.
 ///
 /// # Safety
@@ -242,16 +291,13 @@ pub(super) unsafe fn block_kn<W: Widen>(job: Job<'_, W>, j0: usize, j1: usize) {
             unsafe { tile_kn::<W, $mr, $nv>(xp.add($i * k), wp.add($j), k, n, dst.0.add($i * n + $j)) }
         };
     }
+    if m == 1 {
+        // SAFETY: forwarded; row 0 of x and columns [j0, j1) are this task's.
+        return unsafe { decode_kn(xp, wp, k, n, j0, j1, dst.0) };
+    }
     for i0 in (0..m).step_by(ROW_BLOCK) {
         let i1 = (i0 + ROW_BLOCK).min(m);
         let mut j = j0;
-        if i1 - i0 == 1 {
-            // Decode: 64 columns (two cache lines of bf16 per weight row), 8 FMA chains.
-            while j + 64 <= j1 {
-                tile!(i0, j, 1, 8);
-                j += 64;
-            }
-        }
         // 3×4 tiles: 12 accumulators, 3 broadcasts, one weight vector at a time.
         while j + 32 <= j1 {
             let mut i = i0;

@@ -155,11 +155,13 @@ fn a_row_gives_identical_bits_in_any_batch_and_any_split() {
 #[test]
 fn large_products_split_across_threads_match_serial() {
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let (m, n, k) = (6, 1000, 300);
-    let x = rand_vec(&mut rng, m * k);
+    let (n, k) = (1000, 300);
     let w = rand_vec(&mut rng, n * k);
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("pool");
-    for (rows, cols, f) in [(n, k, matmul_t as fn(&[f32], MatRef<'_>, &mut [f32])), (k, n, matmul)] {
+    for (m, rows, cols, f) in
+        [1, 6].into_iter().flat_map(|m| [(m, n, k, matmul_t as fn(&[f32], MatRef<'_>, &mut [f32])), (m, k, n, matmul)])
+    {
+        let x = rand_vec(&mut rng, m * k);
         let wm = MatRef::new(Elems::F32(&w), rows, cols);
         let mut par = vec![0.0; m * n];
         f(&x, wm, &mut par);
