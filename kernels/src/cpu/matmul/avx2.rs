@@ -244,9 +244,11 @@ unsafe fn decode_kn<W: Widen>(x: *const f32, w: *const W, k: usize, n: usize, j0
     let cols = j1 - j0;
     let full = cols / 8 * 8;
     // SAFETY: [j0, j1) of the n-element output belongs to this task.
-    let acc = unsafe { std::slice::from_raw_parts_mut(out.add(j0), cols) };
-    acc.fill(0.0);
-    let ap = acc.as_mut_ptr();
+    let ap = unsafe { out.add(j0) };
+    for c in 0..cols {
+        // SAFETY: as above.
+        unsafe { *ap.add(c) = 0.0 };
+    }
     for p in 0..k {
         let row = w.wrapping_add(p * n + j0);
         let ahead = row.wrapping_add(KN_PREFETCH_ROWS * n).cast::<u8>();
@@ -269,8 +271,8 @@ unsafe fn decode_kn<W: Widen>(x: *const f32, w: *const W, k: usize, n: usize, j0
             c += 8;
         }
         for c in full..cols {
-            // SAFETY: as above.
-            acc[c] = xv.mul_add(unsafe { *row.add(c) }.widen(), acc[c]);
+            // SAFETY: c < cols, as above; all accumulator accesses go through `ap`.
+            unsafe { *ap.add(c) = xv.mul_add((*row.add(c)).widen(), *ap.add(c)) };
         }
     }
 }
