@@ -284,7 +284,13 @@ unsafe fn block<Q: QuantRows, const FMA: bool>(
                             put(i + a, jt + 1, q.finish(jt + 1, row[1]));
                         };
                         // SAFETY: `FMA` is only set on the AVX2+FMA path (`block_avx2`); rows exist.
-                        if i + 2 <= i1 {
+                        if i + 3 <= i1 {
+                            let r = unsafe { batch_avx2::dots_2rows::<3>([xr(i), xr(i + 1), xr(i + 2)], w, k) };
+                            store(0, r[0]);
+                            store(1, r[1]);
+                            store(2, r[2]);
+                            i += 3;
+                        } else if i + 2 <= i1 {
                             let r = unsafe { batch_avx2::dots_2rows::<2>([xr(i), xr(i + 1)], w, k) };
                             store(0, r[0]);
                             store(1, r[1]);
