@@ -181,18 +181,11 @@ unsafe fn run_job_avx2(job: &Job<'_>, out: &mut [f32]) {
 /// head_dim 128) is only part of the row, so the hardware prefetcher sees a strided stream.
 const PREFETCH_ROWS: usize = 6;
 
-/// Prefetch the cache lines of one history row slice (never dereferenced).
+/// Prefetch the cache lines of one history row slice.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_row(row: &[f32]) {
-    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
-    let p = row.as_ptr().cast::<i8>();
-    let mut off = 0;
-    while off < std::mem::size_of_val(row) {
-        // SAFETY: a prefetch never faults; the address is within `row`.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off)) };
-        off += 64;
-    }
+    super::simd::prefetch_lines(row.as_ptr().cast(), std::mem::size_of_val(row));
 }
 
 /// `dot` for each query of a group: `qs` is `[group, head_dim]`, `scores` `[group]`.

@@ -20,6 +20,20 @@ pub(crate) enum Isa {
     Portable,
 }
 
+/// Prefetch (into L1) every cache line of the `bytes` bytes at `p`. A prefetch never faults,
+/// so `p` may point anywhere; nothing is dereferenced.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_lines(p: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+    let mut off = 0;
+    while off < bytes {
+        // SAFETY: prefetching is a hint; it reads nothing and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(off).cast::<i8>()) };
+        off += 64;
+    }
+}
+
 pub(crate) fn isa() -> Isa {
     static ISA: OnceLock<Isa> = OnceLock::new();
     *ISA.get_or_init(detect)

@@ -6,7 +6,7 @@
 //! the order in the parent module), so the choice of tile never changes a bit.
 
 use super::Job;
-use crate::cpu::simd::Widen;
+use crate::cpu::simd::{Widen, prefetch_lines};
 use std::arch::x86_64::*;
 
 /// Rows of `x` per cache block in the batched kernels: 64 rows of a 4 KiB activation row
@@ -58,12 +58,7 @@ unsafe fn tile_nk_pf<W: Widen, const MR: usize, const NR: usize>(
     let mut p = 0;
     while p < full {
         if !next.is_null() {
-            let at = next.cast::<u8>().wrapping_add(p * NR * std::mem::size_of::<W>());
-            let mut off = 0;
-            while off < step_bytes {
-                _mm_prefetch::<_MM_HINT_T0>(at.wrapping_add(off).cast::<i8>());
-                off += 64;
-            }
+            prefetch_lines(next.cast::<u8>().wrapping_add(p * NR * std::mem::size_of::<W>()), step_bytes);
         }
         let mut wv = [_mm256_setzero_ps(); NR];
         for (j, v) in wv.iter_mut().enumerate() {
@@ -251,13 +246,8 @@ unsafe fn decode_kn<W: Widen>(x: *const f32, w: *const W, k: usize, n: usize, j0
     }
     for p in 0..k {
         let row = w.wrapping_add(p * n + j0);
-        let ahead = row.wrapping_add(KN_PREFETCH_ROWS * n).cast::<u8>();
         if p + KN_PREFETCH_ROWS < k {
-            let mut off = 0;
-            while off < cols * std::mem::size_of::<W>() {
-                _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(off).cast::<i8>());
-                off += 64;
-            }
+            prefetch_lines(row.wrapping_add(KN_PREFETCH_ROWS * n).cast(), cols * std::mem::size_of::<W>());
         }
         // SAFETY: p < k.
         let xv = unsafe { *x.add(p) };
