@@ -76,44 +76,40 @@ pub(super) unsafe fn fp8_decode_avx2(
     let small = x[..full].iter().all(|v| v.abs() < 256.0);
     let factor = if small { f32::from_bits((127 + 120) << 23) } else { 256.0 };
     let xs: Vec<f32> = x[..full].iter().map(|v| v * factor).collect();
+    let ops = Operands { x, xs: &xs, codes, scales, k, dst };
     // SAFETY: forwarded; the branch only picks the weight decoding that matches `factor`.
-    unsafe {
-        if small {
-            tiles::<true>(x, &xs, codes, scales, k, j0, j1, dst)
-        } else {
-            tiles::<false>(x, &xs, codes, scales, k, j0, j1, dst)
-        }
-    }
+    unsafe { if small { tiles::<true>(ops, j0, j1) } else { tiles::<false>(ops, j0, j1) } }
 }
 
-/// The body of [`fp8_decode_avx2`] for `x` pre-scaled into `xs` to match the decoding.
+/// What every tile of one [`fp8_decode_avx2`] call reads and writes.
+#[derive(Clone, Copy)]
+struct Operands<'a> {
+    x: &'a [f32],
+    /// The first `k / 16 · 16` values of `x` scaled to match the weight decoding.
+    xs: &'a [f32],
+    codes: &'a [u8],   // [n, k]
+    scales: &'a [f32], // [n]
+    k: usize,
+    dst: SharedOut,
+}
+
+/// The body of [`fp8_decode_avx2`] for `ops.xs` scaled by 2¹²⁰ (`BITS`) or 2⁸.
 ///
 /// # Safety
-/// As [`fp8_decode_avx2`]; `xs` holds the first `k / 16 · 16` values of `x` scaled by 2¹²⁰
-/// (`BITS`) or 2⁸.
+/// As [`fp8_decode_avx2`].
 #[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tiles<const BITS: bool>(
-    x: &[f32],
-    xs: &[f32],
-    codes: &[u8],
-    scales: &[f32],
-    k: usize,
-    j0: usize,
-    j1: usize,
-    dst: SharedOut,
-) {
+unsafe fn tiles<const BITS: bool>(ops: Operands<'_>, j0: usize, j1: usize) {
     let mut j = j0;
     // SAFETY (all tiles): rows j..j + R < j1 <= n; the tile writes only columns in [j0, j1).
     while j + ROWS <= j1 {
-        unsafe { tile::<BITS, ROWS>(x, xs, codes, scales, k, j, dst) };
+        unsafe { tile::<BITS, ROWS>(ops, j) };
         j += ROWS;
     }
     match j1 - j {
         0 => {}
-        1 => unsafe { tile::<BITS, 1>(x, xs, codes, scales, k, j, dst) },
-        2 => unsafe { tile::<BITS, 2>(x, xs, codes, scales, k, j, dst) },
-        _ => unsafe { tile::<BITS, 3>(x, xs, codes, scales, k, j, dst) },
+        1 => unsafe { tile::<BITS, 1>(ops, j) },
+        2 => unsafe { tile::<BITS, 2>(ops, j) },
+        _ => unsafe { tile::<BITS, 3>(ops, j) },
     }
 }
 
@@ -123,16 +119,8 @@ unsafe fn tiles<const BITS: bool>(
 /// As [`tiles`], with `j + R <= n` and columns `[j, j + R)` in this task's block.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<const BITS: bool, const R: usize>(
-    x: &[f32],
-    xs: &[f32],
-    codes: &[u8],
-    scales: &[f32],
-    k: usize,
-    j: usize,
-    dst: SharedOut,
-) {
+unsafe fn tile<const BITS: bool, const R: usize>(ops: Operands<'_>, j: usize) {
+    let Operands { x, xs, codes, scales, k, dst } = ops;
     let full = k / LANES * LANES;
     let (xp, cp) = (xs.as_ptr(), codes.as_ptr());
     let mut acc = [[_mm256_setzero_ps(); 2]; R];
