@@ -15,9 +15,12 @@
 //!     accumulation order. `matmul/avx2.rs` holds the register-tiled AVX2+FMA kernels,
 //!     `matmul/portable.rs` the fallback with the same order; quantized `[n, k]` weights go
 //!     to the private `cpu::matmul_q` kernels (explicit AVX2 for one token in
-//!     `matmul_q/{fp8,int4}_decode.rs`; batches decode each weight-row pair once for the
-//!     register kernel of `matmul_q/batch_avx2.rs`). `matmul_t_many` runs several products of
-//!     the same input (q/k/v, router + gate/up) in one parallel region.
+//!     `matmul_q/{fp8,int4}_decode.rs`; batches decode a panel of weight rows once and pass
+//!     64-row activation blocks over it with the 3×2 register kernel of
+//!     `matmul_q/batch_avx2.rs`). `matmul_t_many` runs several products of the same input
+//!     (q/k/v, router + gate/up) in one parallel region.
+//!   - [`cpu::parallel`]: `on_pool` runs a whole model step on a compute-pool thread, so its
+//!     parallel regions are joins rather than cross-thread handoffs.
 //!   - [`cpu::norm`]: RMSNorm (with and without weight).
 //!   - [`cpu::rope`]: rotary embedding on interleaved pairs, llama3 frequency scaling.
 //!   - [`cpu::attention`]: causal / chunked-local attention with GQA over a paged KV history,
