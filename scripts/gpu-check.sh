@@ -40,14 +40,19 @@ fail=0
 declare -a rows
 row() { rows+=("$(printf '%-44s %s' "$1" "$2")"); }
 
-# NVRTC and NCCL come from pip wheels (PyTorch's dependencies); cudarc dlopens them by soname,
-# and finds NCCL only as libnccl.so, which the wheel does not ship: link it.
+# NVRTC and NCCL come from pip wheels (PyTorch's dependencies; CUDA 12 wheels keep them in
+# nvidia/<lib>/lib, CUDA 13 wheels in nvidia/cu13/lib) or from the toolkit. cudarc dlopens them by
+# the CUDA 12 sonames it was built for, or by the bare name: link the bare names (libnccl.so,
+# libnvrtc.so) to whatever version is there, so a CUDA 13 machine works too.
 libs=$(mktemp -d)
-for d in $(python3 -c 'import nvidia, os; [print(os.path.join(p, sub, "lib")) for p in nvidia.__path__ for sub in os.listdir(p)]' 2>/dev/null); do
-  [ -d "$d" ] && export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
+for d in /usr/local/cuda/lib64 $(python3 -c 'import nvidia, os; [print(os.path.join(p, sub, "lib")) for p in nvidia.__path__ for sub in os.listdir(p)]' 2>/dev/null); do
+  [ -d "$d" ] || continue
+  export LD_LIBRARY_PATH="$d:${LD_LIBRARY_PATH:-}"
   [ -e "$d/libnccl.so.2" ] && ln -sf "$d/libnccl.so.2" "$libs/libnccl.so"
+  for v in 13 12; do [ -e "$d/libnvrtc.so.$v" ] && ln -sf "$d/libnvrtc.so.$v" "$libs/libnvrtc.so"; done
 done
 export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
+ls -l "$libs" | tee "$logs/libs.log"
 
 echo "== device" | tee "$logs/device.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$logs/device.log"
@@ -66,7 +71,9 @@ rc=$?
 cat "$logs/parity.log"
 for t in $(grep -o '^test gpu_[a-z0-9_]*' "$logs/parity.log" | sed 's/^test //' | sort -u); do
   if grep -q "SKIPPED $t" "$logs/parity.log"; then row "$t" "SKIPPED (counts as failure)"; fail=1
-  elif grep -q "^test $t \.\.\. ok" "$logs/parity.log"; then row "$t" "ok"
+  # A test's own prints can land between "test NAME ..." and its verdict, so a failure is
+  # read off libtest's "---- NAME stdout ----" section rather than off the "... ok" line.
+  elif ! grep -q "^---- $t stdout ----" "$logs/parity.log" && grep -q "^test result: " "$logs/parity.log"; then row "$t" "ok"
   else row "$t" "FAIL"; fail=1; fi
 done
 [ $rc = 0 ] || fail=1
@@ -86,6 +93,9 @@ herd, torch = load("herd_gemm.jsonl"), load("torch.jsonl")
 peak = next((r["tflops"] for r in torch if r["bench"] == "dense_fp8_peak"), None)
 loop = {(r["tokens"], r["routing"]): r for r in torch if r["bench"] == "scaled_mm_loop"}
 print(f"dense FP8 peak (torch._scaled_mm 8192^3): {peak:.0f} TFLOP/s" if peak else "dense FP8 peak: not measured")
+for r in torch:
+    if r["bench"] in ("copy_bandwidth", "read_bandwidth"):
+        print(f"{r['bench']}: {r['gbps']:.0f} GB/s")
 print(f"{'tokens':>6} {'routing':8} {'herd ms':>9} {'TFLOP/s':>8} {'% peak':>7} {'torch loop ms':>13} {'speedup':>8}")
 for r in herd:
     t = loop.get((r["tokens"], r["routing"]))

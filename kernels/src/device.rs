@@ -50,7 +50,10 @@ pub enum DeviceError {
     NoDevice { ordinal: usize, count: usize },
     #[error("CUDA device {ordinal} has compute capability {major}.{minor}; herd's kernels need 8.9 or newer (FP8)")]
     TooOld { ordinal: usize, major: i32, minor: i32 },
-    #[error("no NVRTC: libnvrtc.so.12 not found (install nvidia-cuda-nvrtc-cu12 or the CUDA toolkit)")]
+    #[error(
+        "no NVRTC: neither libnvrtc.so.12 nor libnvrtc.so found (install nvidia-cuda-nvrtc-cu12 or the CUDA toolkit; \
+         for CUDA 13, link libnvrtc.so to libnvrtc.so.13)"
+    )]
     NoNvrtc,
     #[error("compiling {file} for {arch}: {log}")]
     Compile { file: &'static str, arch: String, log: String },

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Baselines for scripts/gpu-check.sh (runs on the GPU machine, needs PyTorch with CUDA).
 
+0. Memory bandwidth: device-to-device copy and a read-only reduction over 1 GiB.
 1. Dense FP8 peak of this card: torch._scaled_mm on one large square-ish e4m3 GEMM.
 2. The per-expert torch._scaled_mm loop at Maverick's MoE shapes (hidden 5120, width 8192,
    128 experts, top-1), uniform and skewed routing: gate_up ([n, 5120] x [5120, 16384]) and down
@@ -42,6 +43,19 @@ def main():
     ap.add_argument("--iters", type=int, default=10)
     a = ap.parse_args()
     dev = torch.cuda.get_device_name()
+
+    # Memory ceilings: a device-to-device copy (bytes read + written) and a read-only reduction
+    # (the decode floor: a decode step only reads weights).
+    buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(buf)
+    ms = timed(lambda: dst.copy_(buf), a.iters)
+    print(json.dumps({"bench": "copy_bandwidth", "device": dev, "bytes": 2 * buf.numel(), "ms": ms,
+                      "gbps": 2 * buf.numel() / ms / 1e6}), flush=True)
+    words = buf.view(torch.int32)
+    ms = timed(lambda: words.max(), a.iters)
+    print(json.dumps({"bench": "read_bandwidth", "device": dev, "bytes": buf.numel(), "ms": ms,
+                      "gbps": buf.numel() / ms / 1e6}), flush=True)
+    del buf, dst, words
 
     m = n = k = 8192
     x, w = fp8(m, k), fp8(n, k)
