@@ -59,7 +59,8 @@ extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __
 //
 // Shared memory (dynamic, floats): k_s, v_s [16][head_dim + 1] (the +1 makes the lanes' rows
 // fall in distinct banks), q_s [group][head_dim], p_s [group][16], alpha_s and l_s [8].
-// head_dim: a multiple of 32, at most 256; group at most 8.
+// head_dim: a multiple of 16 (the score loop splits each row into 16-column halves), at most
+// 256; group at most 8.
 // Launch: grid = (tokens, kv_heads), block = ATTN_THREADS.
 extern "C" __global__ void __launch_bounds__(ATTN_THREADS)
     paged_attention(const float* __restrict__ q, const int* __restrict__ q_start,

@@ -25,7 +25,7 @@ extern "C" __global__ void rms_norm(const float* __restrict__ x, const float* __
 // Rotates every head of q ([tokens, heads, head_dim]) in place with the token's cos/sin
 // ([tokens, head_dim / 2] each) and, when qk_norm != 0, RMS-normalises each rotated head
 // (no weight). cos/sin may be null (NoPE layer): only the norm is applied.
-// head_dim must be a multiple of 64 and at most 256 (Llama 4: 128).
+// head_dim must be even and at most 256 (Llama 4: 128; the tiny test models: 16).
 // Launch: grid = ceil(tokens · heads / 4), block = 128 (one warp per head row).
 extern "C" __global__ void rope_qk_norm(float* __restrict__ q, const float* __restrict__ cos_t,
                                         const float* __restrict__ sin_t, int tokens, int heads,
@@ -36,12 +36,11 @@ extern "C" __global__ void rope_qk_norm(float* __restrict__ q, const float* __re
     const int token = hr / heads, pairs = head_dim / 2;
     float2* row = reinterpret_cast<float2*>(q + (size_t)hr * head_dim);
     float2 v[4];  // pairs lane, lane + 32, …: up to 128 pairs
-    const int per_lane = pairs / 32;
     float ss = 0.0f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        if (i >= per_lane) break;
         const int j = lane + 32 * i;
+        if (j >= pairs) break;
         float2 p = row[j];
         if (cos_t) {
             const float c = cos_t[(size_t)token * pairs + j], s = sin_t[(size_t)token * pairs + j];
@@ -54,7 +53,8 @@ extern "C" __global__ void rope_qk_norm(float* __restrict__ q, const float* __re
     if (qk_norm) inv = rsqrtf(warp_sum(ss) / (float)head_dim + eps);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        if (i >= per_lane) break;
-        row[lane + 32 * i] = make_float2(v[i].x * inv, v[i].y * inv);
+        const int j = lane + 32 * i;
+        if (j >= pairs) break;
+        row[j] = make_float2(v[i].x * inv, v[i].y * inv);
     }
 }

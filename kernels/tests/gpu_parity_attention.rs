@@ -52,6 +52,8 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
 
 const MAVERICK: AttnHeads = AttnHeads { q_heads: 40, kv_heads: 8, head_dim: 128 };
 const TINY: AttnHeads = AttnHeads { q_heads: 4, kv_heads: 2, head_dim: 64 };
+/// The golden test models' shape (testdata/golden/*: 4 query heads, 2 kv heads of 16).
+const GOLDEN: AttnHeads = AttnHeads { q_heads: 4, kv_heads: 2, head_dim: 16 };
 /// The kernel's limits: group 8 at the smallest and the largest head_dim.
 const GROUP8_D32: AttnHeads = AttnHeads { q_heads: 8, kv_heads: 1, head_dim: 32 };
 const GROUP8_D256: AttnHeads = AttnHeads { q_heads: 16, kv_heads: 2, head_dim: 256 };
@@ -66,7 +68,7 @@ fn cache_offset(slot: usize, g: usize, heads: AttnHeads) -> usize {
 fn gpu_kv_write_fills_the_slots() {
     let Some(gpu) = gpu_or_skip("gpu_kv_write_fills_the_slots") else { return };
     let mut r = rng("gpu_kv_write");
-    for heads in [MAVERICK, TINY] {
+    for heads in [MAVERICK, TINY, GOLDEN] {
         let (kvh, d) = (heads.kv_heads, heads.head_dim);
         let num_blocks = 7;
         let cache_len = num_blocks * kvh * BLOCK_TOKENS * d;
@@ -196,7 +198,7 @@ fn gpu_attention_decode_matches_cpu() {
     let mut r = rng("gpu_attention_decode");
     // Total lengths 1, 16 (a full block), 17, 65 (a chunk-64 start sees only itself), 300.
     let seqs = [(0, 1), (15, 1), (16, 1), (64, 1), (299, 1)];
-    for heads in [MAVERICK, TINY, GROUP8_D32, GROUP8_D256] {
+    for heads in [MAVERICK, TINY, GOLDEN, GROUP8_D32, GROUP8_D256] {
         for chunk in [None, Some(64), Some(24)] {
             check_attention(&gpu, &mut r, heads, &seqs, chunk);
         }
@@ -211,7 +213,7 @@ fn gpu_attention_prefill_matches_cpu() {
     // with no new tokens (skipped by the token → sequence search); a decode in the same batch; a
     // long continuation ending in a partial block.
     let seqs = [(0, 37), (50, 30), (9, 0), (130, 1), (100, 141)];
-    for heads in [MAVERICK, TINY, GROUP8_D32, GROUP8_D256] {
+    for heads in [MAVERICK, TINY, GOLDEN, GROUP8_D32, GROUP8_D256] {
         for chunk in [None, Some(64), Some(24), Some(8)] {
             check_attention(&gpu, &mut r, heads, &seqs, chunk);
         }
@@ -232,8 +234,8 @@ fn gpu_attention_rejects_bad_shapes() {
     // 3 query heads over 2 kv heads do not group.
     let heads = AttnHeads { q_heads: 3, kv_heads: 2, head_dim: 32 };
     assert!(attention(&gpu, &q, &batch, &cache, &cache, heads, 1.0, None, &mut out).is_err());
-    // head_dim not a multiple of 32.
-    let heads = AttnHeads { q_heads: 3, kv_heads: 1, head_dim: 48 };
+    // head_dim not a multiple of 16.
+    let heads = AttnHeads { q_heads: 3, kv_heads: 1, head_dim: 40 };
     assert!(attention(&gpu, &q, &batch, &cache, &cache, heads, 1.0, None, &mut out).is_err());
 }
 

@@ -139,17 +139,29 @@ pub fn make_backend(
     use herd_coordinator::local_cluster::{ClusterOptions, LocalCluster};
     use std::time::Duration;
     if cluster.workers == 0 {
-        let model = frontend.load_model(dtype, None)?;
-        let mut engine = herd_worker::engine::scheduler::Engine::new(
-            std::sync::Arc::new(model),
-            std::sync::Arc::clone(&frontend.tokenizer),
-            frontend.eos_ids(),
-            engine.config()?,
-        )?;
-        if let Some((vision, patch)) = frontend.load_vision(dtype)? {
-            engine.enable_vision(std::sync::Arc::new(vision), patch);
+        let model = std::sync::Arc::new(frontend.load_model(dtype, None)?);
+        let tokenizer = std::sync::Arc::clone(&frontend.tokenizer);
+        let mut built = match engine.device {
+            herd_kernels::device::Device::Cpu => {
+                herd_worker::engine::scheduler::Engine::new(model, tokenizer, frontend.eos_ids(), engine.config()?)?
+            }
+            herd_kernels::device::Device::Cuda(ordinal) => {
+                super::gpu_engine::build(ordinal, model, tokenizer, frontend.eos_ids(), engine)?
+            }
+        };
+        // The vision tower runs on the CPU either way; a GPU engine refuses image prompts.
+        if engine.device == herd_kernels::device::Device::Cpu
+            && let Some((vision, patch)) = frontend.load_vision(dtype)?
+        {
+            built.enable_vision(std::sync::Arc::new(vision), patch);
         }
-        return Ok(Box::new(LocalBackend::new(engine)));
+        return Ok(Box::new(LocalBackend::new(built)));
+    }
+    if engine.device != herd_kernels::device::Device::Cpu {
+        anyhow::bail!(
+            "--device {}: --workers runs CPU-only worker processes for now; drop --workers to run on the GPU",
+            engine.device
+        );
     }
     let mut worker_args = vec![
         "--placement".to_string(),

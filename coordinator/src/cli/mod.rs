@@ -6,6 +6,7 @@ pub mod ca;
 pub mod config_file;
 pub mod coordinator;
 pub mod device;
+pub mod gpu_engine;
 pub mod engine_flags;
 pub mod eval;
 pub mod generate;

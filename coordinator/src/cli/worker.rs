@@ -90,7 +90,7 @@ pub struct WorkerArgs {
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    super::device::check(args.engine.device)?; // before any model is loaded
+    super::device::check_cpu_only(args.engine.device, "worker")?; // before any model is loaded
     if !args.coordinators.is_empty() {
         return super::worker_agent::run(&args);
     }

@@ -169,7 +169,7 @@ pub fn attention(
         || group * kv_heads != q_heads
         || group > MAX_GROUP
         || head_dim == 0
-        || !head_dim.is_multiple_of(32)
+        || !head_dim.is_multiple_of(16)
         || head_dim > MAX_HEAD_DIM;
     let q_len = batch.tokens * q_heads * head_dim;
     if bad_heads
@@ -187,7 +187,7 @@ pub fn attention(
         return Err(invalid(
             "paged_attention",
             format!(
-                "{q_heads} q heads / {kv_heads} kv heads × {head_dim} (group ≤ {MAX_GROUP}, head_dim a multiple of 32 \
+                "{q_heads} q heads / {kv_heads} kv heads × {head_dim} (group ≤ {MAX_GROUP}, head_dim a multiple of 16 \
                  ≤ {MAX_HEAD_DIM}); q {} / out {} elements for {} tokens; caches {} / {} elements; chunk {chunk:?}; \
                  batch of {} seqs with {} q_start, {} q_pos0, {} table entries",
                 q.len(),

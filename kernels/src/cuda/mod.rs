@@ -9,8 +9,11 @@
 //! Every CUDA library is dlopened by cudarc on first use; [`Gpu::open`] checks for each one
 //! before touching it, because cudarc panics (rather than failing) when a library is missing.
 
+pub mod attention;
 pub mod compile;
+pub mod elementwise;
 pub mod fp8;
+pub mod linear;
 pub mod moe;
 pub mod norm;
 

@@ -50,13 +50,15 @@ pub fn rope_qk_norm(
 ) -> Result<(), DeviceError> {
     let pairs = head_dim / 2;
     let bad_table = rope.is_some_and(|(c, s)| c.len() != tokens * pairs || s.len() != c.len());
-    if !head_dim.is_multiple_of(64) || head_dim > 256 || q.len() != tokens * heads * head_dim || bad_table {
+    if head_dim == 0
+        || !head_dim.is_multiple_of(2)
+        || head_dim > 256
+        || q.len() != tokens * heads * head_dim
+        || bad_table
+    {
         return Err(DeviceError::Invalid {
             kernel: "rope_qk_norm",
-            reason: format!(
-                "q {} elements for {tokens}×{heads}×{head_dim} (head_dim a multiple of 64, ≤ 256)",
-                q.len()
-            ),
+            reason: format!("q {} elements for {tokens}×{heads}×{head_dim} (head_dim even, ≤ 256)", q.len()),
         });
     }
     let f = gpu.function(&NORM_ROPE, "rope_qk_norm")?;

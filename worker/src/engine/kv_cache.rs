@@ -73,6 +73,8 @@ pub struct KvPool {
     free: Vec<u32>,
     /// `None`: grow on demand (single-sequence tools and tests).
     capacity: Option<usize>,
+    /// Blocks created on demand so far (unbounded pools); the next new block's id.
+    grown: usize,
 }
 
 /// Default positions per block: small enough that a short request wastes little, large
@@ -96,6 +98,15 @@ impl KvPool {
         Ok(pool)
     }
 
+    /// A pool of `blocks` blocks that keeps only the block tables: the keys and values live
+    /// elsewhere (in GPU memory, indexed by the same block ids).
+    pub fn blocks_only(config: &TextConfig, blocks: usize, block_tokens: usize) -> Self {
+        let mut pool = Self::unbounded(config, block_tokens);
+        pool.free = (0..blocks as u32).rev().collect();
+        pool.capacity = Some(blocks);
+        pool
+    }
+
     /// A pool that grows as sequences need blocks.
     pub fn unbounded(config: &TextConfig, block_tokens: usize) -> Self {
         assert!(block_tokens > 0);
@@ -117,6 +128,7 @@ impl KvPool {
             values: Vec::new(),
             free: Vec::new(),
             capacity: None,
+            grown: 0,
         }
     }
 
@@ -172,27 +184,14 @@ impl KvPool {
         let (bt, row) = (self.block_tokens, self.row);
         let start = seq.len;
         let n = keys.len() / row;
-        let l = &mut seq.layers[layer];
-        while !l.blocks.is_empty() && l.first_pos + bt <= keep_from.min(start) {
-            self.free.push(l.blocks.remove(0));
-            l.first_pos += bt;
+        self.reserve(seq, layer, n, keep_from)?;
+        if self.keys.len() < self.grown * bt * row {
+            // A pool that grows on demand backs its new blocks here (a blocks-only pool never
+            // reaches this: it holds no data).
+            self.keys.resize(self.grown * bt * row, 0.0);
+            self.values.resize(self.grown * bt * row, 0.0);
         }
-        if l.blocks.is_empty() {
-            l.first_pos = start / bt * bt;
-        }
-        while l.first_pos + l.blocks.len() * bt < start + n {
-            let block = match self.free.pop() {
-                Some(b) => b,
-                None if self.capacity.is_none() => {
-                    let id = (self.keys.len() / (bt * row)) as u32;
-                    self.keys.resize(self.keys.len() + bt * row, 0.0);
-                    self.values.resize(self.values.len() + bt * row, 0.0);
-                    id
-                }
-                None => return Err(KvError::OutOfBlocks { total: self.capacity.unwrap_or(0) }),
-            };
-            l.blocks.push(block);
-        }
+        let l = &seq.layers[layer];
         let d = self.head_dim;
         for i in 0..n {
             let idx = start + i - l.first_pos;
@@ -205,6 +204,42 @@ impl KvPool {
             }
         }
         Ok(())
+    }
+
+    /// The block bookkeeping of [`append`](Self::append) without the data: frees `layer`'s
+    /// blocks wholly before `keep_from` and takes blocks for positions `seq.len()..+n`. A
+    /// device-resident cache (the GPU engine) keeps the data and uses [`table`](Self::table)
+    /// to find where each position lives.
+    pub fn reserve(&mut self, seq: &mut SeqKv, layer: usize, n: usize, keep_from: usize) -> Result<(), KvError> {
+        let bt = self.block_tokens;
+        let start = seq.len;
+        let l = &mut seq.layers[layer];
+        while !l.blocks.is_empty() && l.first_pos + bt <= keep_from.min(start) {
+            self.free.push(l.blocks.remove(0));
+            l.first_pos += bt;
+        }
+        if l.blocks.is_empty() {
+            l.first_pos = start / bt * bt;
+        }
+        while l.first_pos + l.blocks.len() * bt < start + n {
+            let block = match self.free.pop() {
+                Some(b) => b,
+                None if self.capacity.is_none() => {
+                    self.grown += 1;
+                    (self.grown - 1) as u32
+                }
+                None => return Err(KvError::OutOfBlocks { total: self.capacity.unwrap_or(0) }),
+            };
+            l.blocks.push(block);
+        }
+        Ok(())
+    }
+
+    /// `layer`'s blocks of `seq` in position order, and the absolute position of the first
+    /// row of the first block.
+    pub fn table<'a>(&self, seq: &'a SeqKv, layer: usize) -> (usize, &'a [u32]) {
+        let l = &seq.layers[layer];
+        (l.first_pos, &l.blocks)
     }
 
     /// The cached rows of `layer`, including any appended in the current step (`pending`

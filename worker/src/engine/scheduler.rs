@@ -32,6 +32,9 @@ pub enum EngineError {
     Kv(#[from] KvError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[cfg(feature = "cuda")]
+    #[error(transparent)]
+    Gpu(#[from] crate::gpu::GpuError),
 }
 
 /// Engine limits.
@@ -100,6 +103,31 @@ struct Vision {
     patch_token: u32,
 }
 
+#[cfg(feature = "cuda")]
+struct GpuBackend {
+    model: Arc<crate::gpu::GpuTextModel>,
+    kv: crate::gpu::model::GpuKv,
+}
+
+#[cfg(feature = "cuda")]
+impl GpuBackend {
+    fn forward(&mut self, pool: &mut KvPool, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        Ok(self.model.forward(&mut self.kv, pool, steps)?)
+    }
+}
+
+/// Without the `cuda` feature there is no GPU backend: an uninhabited type keeps the engine's
+/// code the same in both builds.
+#[cfg(not(feature = "cuda"))]
+enum GpuBackend {}
+
+#[cfg(not(feature = "cuda"))]
+impl GpuBackend {
+    fn forward(&mut self, _: &mut KvPool, _: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+        match *self {}
+    }
+}
+
 /// One worker's engine.
 pub struct Engine {
     model: Arc<TextModel>,
@@ -108,6 +136,9 @@ pub struct Engine {
     eos: Vec<u32>,
     config: EngineConfig,
     pool: KvPool,
+    /// The model on a CUDA device: the forward pass runs there, with the KV data on the device
+    /// and `pool` keeping only its block tables.
+    gpu: Option<GpuBackend>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     reserved: usize,
@@ -132,18 +163,49 @@ impl Engine {
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
         let pool = KvPool::new(model.config(), config.kv_cache_bytes, config.block_tokens)?;
-        Ok(Self {
+        Ok(Self::with_pool(model, tokenizer, eos, config, pool))
+    }
+
+    fn with_pool(
+        model: Arc<TextModel>,
+        tokenizer: Arc<Tokenizer>,
+        eos: Vec<u32>,
+        config: EngineConfig,
+        pool: KvPool,
+    ) -> Self {
+        Self {
             model,
             vision: None,
             tokenizer,
             eos,
             config,
             pool,
+            gpu: None,
             waiting: VecDeque::new(),
             running: Vec::new(),
             reserved: 0,
             events: Vec::new(),
-        })
+        }
+    }
+
+    /// An engine whose forward passes run on the GPU model `gpu` (uploaded from `model`, which
+    /// still answers config and vocabulary questions). The KV cache of `config.kv_cache_bytes`
+    /// is allocated on the device (it must fit in free device memory); the host pool keeps
+    /// only the block tables.
+    #[cfg(feature = "cuda")]
+    pub fn on_gpu(
+        model: Arc<TextModel>,
+        gpu: Arc<crate::gpu::GpuTextModel>,
+        tokenizer: Arc<Tokenizer>,
+        eos: Vec<u32>,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let kv = crate::gpu::model::GpuKv::new(gpu.gpu(), model.config(), config.kv_cache_bytes)?;
+        let pool = kv.pool(model.config());
+        let config = EngineConfig { block_tokens: pool.block_tokens(), ..config };
+        let mut engine = Self::with_pool(model, tokenizer, eos, config, pool);
+        engine.gpu = Some(GpuBackend { model: gpu, kv });
+        Ok(engine)
     }
 
     pub fn model(&self) -> &TextModel {
@@ -327,7 +389,10 @@ impl Engine {
                     SeqStep { tokens, kv: &mut s.kv, logits: *logits, images }
                 })
                 .collect();
-            self.model.forward_with(&mut self.pool, &mut steps, experts)?
+            match self.gpu.as_mut() {
+                Some(g) => g.forward(&mut self.pool, &mut steps)?,
+                None => self.model.forward_with(&mut self.pool, &mut steps, experts)?,
+            }
         };
         for (&(i, _), span) in plan.iter().zip(&image_spans) {
             if let Some((_, k)) = span {

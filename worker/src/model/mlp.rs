@@ -46,4 +46,13 @@ impl Mlp {
     pub fn bytes(&self) -> usize {
         self.gate.bytes() + self.up.bytes() + self.down.bytes()
     }
+
+    /// `(gate, up, down)`: `[width, hidden]`, `[width, hidden]`, `[hidden, width]`.
+    pub fn weights(&self) -> (&Weight, &Weight, &Weight) {
+        (&self.gate, &self.up, &self.down)
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
 }

@@ -130,6 +130,16 @@ impl Expert {
     }
 }
 
+/// One routed expert's weights as stored, for a backend that uploads them (the GPU engine).
+#[derive(Clone, Copy, Debug)]
+pub enum ExpertWeights<'a> {
+    /// The fused checkpoint layout, input-major: `gate_up` `[hidden, 2·width]` (gate columns
+    /// first), `down` `[width, hidden]`.
+    Fused { gate_up: &'a Weight, down: &'a Weight },
+    /// Per-expert nn.Linear modules (quantized checkpoints): `[width, hidden]` ×2, `[hidden, width]`.
+    Linear { gate: &'a Weight, up: &'a Weight, down: &'a Weight },
+}
+
 #[derive(Clone, Copy)]
 struct ExpertShape {
     experts: usize,
@@ -218,6 +228,32 @@ impl MoeBlock {
         self.hidden
     }
 
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Columns of each expert's intermediate (and of the shared expert's).
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// `[experts, hidden]`
+    pub fn router(&self) -> &Weight {
+        &self.router
+    }
+
+    pub fn shared_expert(&self) -> &Mlp {
+        &self.shared
+    }
+
+    /// Expert `e`'s weights, if this worker holds it.
+    pub fn expert_weights(&self, e: usize) -> Option<ExpertWeights<'_>> {
+        Some(match self.local.get(e)?.as_ref()? {
+            Expert::Fused { gate_up, down } => ExpertWeights::Fused { gate_up, down },
+            Expert::Linear { gate, up, down } => ExpertWeights::Linear { gate, up, down },
+        })
+    }
+
     pub fn is_local(&self, expert: usize) -> bool {
         self.local.get(expert).is_some_and(Option::is_some)
     }
@@ -251,7 +287,7 @@ impl MoeBlock {
     }
 
     /// [`route`](Self::route) from router logits already computed: `[tokens, experts]`.
-    fn route_logits(&self, logits: &[f32]) -> Routing {
+    pub fn route_logits(&self, logits: &[f32]) -> Routing {
         let tokens = logits.len() / self.experts;
         let mut routes: Vec<Route> = Vec::with_capacity(tokens * self.top_k);
         for (t, row) in logits.chunks_exact(self.experts).enumerate() {

@@ -85,6 +85,25 @@ pub struct TextModel {
     rope: rope::RopeFreqs,
 }
 
+/// One decoder layer's weights, borrowed (for a backend that uploads them: the GPU engine).
+#[derive(Clone, Copy, Debug)]
+pub struct LayerWeights<'a> {
+    pub spec: LayerSpec,
+    pub input_norm: &'a [f32],
+    pub post_norm: &'a [f32],
+    pub q: &'a Weight,
+    pub k: &'a Weight,
+    pub v: &'a Weight,
+    pub o: &'a Weight,
+    pub ffn: FfnWeights<'a>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum FfnWeights<'a> {
+    Dense(&'a Mlp),
+    Moe(&'a MoeBlock),
+}
+
 /// Where the text weights live for each architecture (transformers renamed the
 /// multimodal prefix between versions, so every known spelling is tried).
 const TEXT_PREFIXES: [&str; 4] = ["language_model.model.", "model.language_model.", "model.", ""];
@@ -174,6 +193,40 @@ impl TextModel {
             FeedForward::Moe(m) => Some(m),
             FeedForward::Dense(_) => None,
         }
+    }
+
+    /// Layer `i`'s weights.
+    pub fn layer_weights(&self, i: usize) -> LayerWeights<'_> {
+        let l = &self.layers[i];
+        LayerWeights {
+            spec: l.spec,
+            input_norm: &l.input_norm,
+            post_norm: &l.post_norm,
+            q: &l.q,
+            k: &l.k,
+            v: &l.v,
+            o: &l.o,
+            ffn: match &l.ffn {
+                FeedForward::Dense(m) => FfnWeights::Dense(m),
+                FeedForward::Moe(m) => FfnWeights::Moe(m),
+            },
+        }
+    }
+
+    /// `(embedding [vocab, hidden], final norm [hidden], lm_head [vocab, hidden] or None when
+    /// tied to the embedding)`.
+    pub fn outer_weights(&self) -> (&Weight, &[f32], Option<&Weight>) {
+        (&self.embed, &self.norm, self.lm_head.as_ref())
+    }
+
+    /// RoPE cos/sin tables for `positions`, `[tokens, head_dim / 2]` each.
+    pub fn rope_table(&self, positions: &[usize]) -> (Vec<f32>, Vec<f32>) {
+        self.rope.table(positions)
+    }
+
+    /// Query scale of NoPE layers with temperature tuning at position `p`.
+    pub fn attn_temperature_at(&self, p: usize) -> f32 {
+        self.attn_temperature(p)
     }
 
     /// A KV pool that grows on demand (tools and tests; the engine uses a budgeted pool).
