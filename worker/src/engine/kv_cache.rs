@@ -344,6 +344,47 @@ mod tests {
     }
 
     #[test]
+    fn blocks_only_pools_hand_out_the_tables_a_data_pool_would() {
+        // The GPU engine's pool keeps no data; its tables must be the ones `append` would build.
+        let cfg = config(8);
+        let mut data = KvPool::new(&cfg, 64 * 4 * 2 * 2 * 4, 4).expect("pool");
+        let mut tables = KvPool::blocks_only(&cfg, 64, 4);
+        let (mut a, mut b) = (data.new_seq(), tables.new_seq());
+        let mut pos = 0;
+        for n in [5, 1, 1, 6, 1, 9] {
+            for layer in 0..2 {
+                let keep = if layer == 1 { pos / 8 * 8 } else { 0 };
+                data.append(&mut a, layer, &rows(pos, n), &rows(pos, n), keep).expect("append");
+                tables.reserve(&mut b, layer, n, keep).expect("reserve");
+                assert_eq!(data.table(&a, layer), tables.table(&b, layer));
+            }
+            a.commit(n);
+            b.commit(n);
+            pos += n;
+        }
+        assert_eq!(tables.table(&b, 1).0, 8);
+        assert_eq!(tables.free_blocks(), data.free_blocks());
+        // A bounded pool runs out instead of growing.
+        let mut small = KvPool::blocks_only(&cfg, 2, 4);
+        let mut s = small.new_seq();
+        assert_eq!(small.reserve(&mut s, 0, 9, 0), Err(KvError::OutOfBlocks { total: 2 }));
+    }
+
+    #[test]
+    fn unbounded_pools_grow_with_fresh_block_ids() {
+        let cfg = config(8);
+        let mut pool = KvPool::unbounded(&cfg, 4);
+        let mut seq = pool.new_seq();
+        pool.append(&mut seq, 0, &rows(0, 9), &rows(0, 9), 0).expect("append");
+        pool.append(&mut seq, 1, &rows(0, 9), &rows(0, 9), 0).expect("append");
+        seq.commit(9);
+        assert_eq!(pool.table(&seq, 0).1, &[0, 1, 2]);
+        assert_eq!(pool.table(&seq, 1).1, &[3, 4, 5]);
+        assert_eq!(read(&pool, &seq, 0), rows(0, 9));
+        assert_eq!(read(&pool, &seq, 1), rows(0, 9));
+    }
+
+    #[test]
     fn worst_case_reservation_bounds_what_a_sequence_holds() {
         let cfg = config(8);
         let mut pool = KvPool::new(&cfg, 1 << 20, 4).expect("pool");
