@@ -4,7 +4,9 @@
 //!
 //! Usage: gpu_moe_bench [--tokens 16,64,...] [--iters N]
 //! Weights are random e4m3 bytes: one expert's worth generated on the host and uploaded for
-//! every expert (the values do not change the timing).
+//! every expert (distinct buffers, so every expert's weights stream from memory); activations
+//! are random e4m3 bytes too. `HERD_MOE_GEMM=mma` times the mma.sync kernels on Hopper instead
+//! of the sm_90a (TMA + wgmma) ones.
 
 use herd_kernels::cuda::{Gpu, moe};
 use rand::{Rng, SeedableRng};
@@ -56,7 +58,10 @@ fn main() -> anyhow::Result<()> {
                 counts[e] += 1;
             }
             let groups = moe::Groups::from_counts(&gpu, &counts)?;
-            let a = gpu.upload(&vec![0x38u8; tokens * HIDDEN])?;
+            // Random activations (the tensor cores' power, hence their clock, depends on the data).
+            let a: Vec<u8> =
+                (0..tokens * HIDDEN).map(|_| rng.random_range(0x20u8..0x48) | (rng.random::<u8>() & 0x80)).collect();
+            let a = gpu.upload(&a)?;
             let a_scale = gpu.upload(&vec![1e-2f32; tokens])?;
             let mut h = gpu.zeros::<u8>(tokens * WIDTH)?;
             let mut h_scale = gpu.zeros::<f32>(tokens * WIDTH / moe::H_GROUP)?;

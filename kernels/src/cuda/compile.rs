@@ -25,6 +25,8 @@ const COMMON: &str = include_str!("../../cuda/common.cuh");
 
 pub static MOE_DISPATCH: Source = Source { file: "moe_dispatch.cu", text: include_str!("../../cuda/moe_dispatch.cu") };
 pub static MOE_GEMM: Source = Source { file: "moe_gemm.cu", text: include_str!("../../cuda/moe_gemm.cu") };
+pub static MOE_GEMM_SM90: Source =
+    Source { file: "moe_gemm_sm90.cu", text: include_str!("../../cuda/moe_gemm_sm90.cu") };
 pub static MOE_COMBINE: Source = Source { file: "moe_combine.cu", text: include_str!("../../cuda/moe_combine.cu") };
 pub static NORM_ROPE: Source = Source { file: "norm_rope.cu", text: include_str!("../../cuda/norm_rope.cu") };
 pub static ATTENTION: Source = Source { file: "attention.cu", text: include_str!("../../cuda/attention.cu") };
@@ -32,8 +34,8 @@ pub static LINEAR: Source = Source { file: "linear.cu", text: include_str!("../.
 pub static ELEMENTWISE: Source = Source { file: "elementwise.cu", text: include_str!("../../cuda/elementwise.cu") };
 
 /// Every source, for tools that compile them all.
-pub static ALL: [&Source; 7] =
-    [&MOE_DISPATCH, &MOE_GEMM, &MOE_COMBINE, &NORM_ROPE, &ATTENTION, &LINEAR, &ELEMENTWISE];
+pub static ALL: [&Source; 8] =
+    [&MOE_DISPATCH, &MOE_GEMM, &MOE_GEMM_SM90, &MOE_COMBINE, &NORM_ROPE, &ATTENTION, &LINEAR, &ELEMENTWISE];
 
 /// The cubin of `source` for `arch` (e.g. `sm_90a`), from `cache` when present there.
 pub fn cubin(source: &Source, arch: &str, cache: Option<&Path>) -> Result<Vec<u8>, DeviceError> {

@@ -5,11 +5,15 @@
 //! (routes packed by expert) → [`gemm_swiglu`] (gate_up) → `h [routes, width] e4m3 +
 //! [routes, width/64] scales` → [`gemm`] (down) → `y [routes, hidden] f32` → [`combine`] with the
 //! shared expert's output → `[tokens, hidden] f32`.
+//!
+//! The grouped GEMMs have two implementations with the same semantics: `moe_gemm_sm90.cu` (TMA +
+//! wgmma, picked on `sm_90a`, i.e. H100/H200) and `moe_gemm.cu` (mma.sync, every other FP8
+//! device). `HERD_MOE_GEMM=mma` forces the latter on Hopper too (for comparisons).
 
-use super::compile::{MOE_COMBINE, MOE_DISPATCH, MOE_GEMM};
+use super::compile::{MOE_COMBINE, MOE_DISPATCH, MOE_GEMM, MOE_GEMM_SM90};
 use super::{CudaSlice, Gpu, LaunchConfig, driver_err};
 use crate::device::DeviceError;
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{DevicePtr, PushKernelArg, sys};
 
 /// Row tile of the grouped GEMM (BM in moe_gemm.cu).
 pub const TILE_ROWS: usize = 64;
@@ -19,6 +23,14 @@ pub const TILE_COLS: usize = 128;
 pub const TILE_K: usize = 64;
 /// Columns of the intermediate per re-quantization scale group (one gate_up block).
 pub const H_GROUP: usize = 64;
+
+/// Row tile of the sm_90a grouped GEMM (BM in moe_gemm_sm90.cu: two consumer warpgroups × 64).
+const SM90_TILE_ROWS: usize = 128;
+/// Threads per block of the sm_90a GEMM: one producer and two consumer warpgroups.
+const SM90_THREADS: u32 = 384;
+/// Its dynamic shared memory (SMEM_BYTES in moe_gemm_sm90.cu: 6 stages × 32 KB, 1 KB alignment
+/// slack, 12 mbarriers).
+const SM90_SMEM: u32 = 6 * 32768 + 1024 + 2 * 6 * 8;
 
 fn invalid(kernel: &'static str, reason: String) -> DeviceError {
     DeviceError::Invalid { kernel, reason }
@@ -48,30 +60,37 @@ impl Fp8Experts {
 }
 
 /// How packed rows split among experts: rows `row_offsets[e]..row_offsets[e+1]` are expert e's,
-/// and `tile_offsets[e]` counts the 64-row tiles of the experts before e.
+/// and `tile_offsets[e]` counts the 64-row tiles of the experts before e (`tile_offsets_128`:
+/// the 128-row tiles of the sm_90a kernels).
 #[derive(Debug)]
 pub struct Groups {
     row_offsets: CudaSlice<i32>,
     tile_offsets: CudaSlice<i32>,
+    tile_offsets_128: CudaSlice<i32>,
     pub rows: usize,
     pub experts: usize,
     tiles: usize,
+    tiles_128: usize,
 }
 
 impl Groups {
     /// From rows per expert (known on the host: the all-to-all's counts travel before its data).
     pub fn from_counts(gpu: &Gpu, counts: &[usize]) -> Result<Self, DeviceError> {
-        let (mut rows, mut tiles) = (vec![0i32], vec![0i32]);
+        let (mut rows, mut tiles, mut tiles_128) = (vec![0i32], vec![0i32], vec![0i32]);
         for &c in counts {
             rows.push(rows[rows.len() - 1] + c as i32);
             tiles.push(tiles[tiles.len() - 1] + c.div_ceil(TILE_ROWS) as i32);
+            tiles_128.push(tiles_128[tiles_128.len() - 1] + c.div_ceil(SM90_TILE_ROWS) as i32);
         }
+        let n = counts.len();
         Ok(Groups {
-            rows: rows[counts.len()] as usize,
-            tiles: tiles[counts.len()] as usize,
-            experts: counts.len(),
+            rows: rows[n] as usize,
+            tiles: tiles[n] as usize,
+            tiles_128: tiles_128[n] as usize,
+            experts: n,
             row_offsets: gpu.upload(&rows)?,
             tile_offsets: gpu.upload(&tiles)?,
+            tile_offsets_128: gpu.upload(&tiles_128)?,
         })
     }
 }
@@ -145,6 +164,90 @@ fn check_gemm(
     Ok(())
 }
 
+/// A `CUtensorMap` (128 opaque bytes) passed by value as the kernel's `const __grid_constant__
+/// TmaMap`.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct TensorMap([u64; 16]);
+
+// SAFETY: plain bytes with the layout and alignment of the kernel parameter type.
+unsafe impl cudarc::driver::DeviceRepr for TensorMap {}
+
+/// The TMA descriptor of a K-major e4m3 matrix `[rows, k]` at `ptr`, read in boxes of 64 rows ×
+/// 128 bytes with the 128-byte swizzle (what the sm_90a kernels' wgmma descriptors expect);
+/// reads past either bound are zero-filled.
+fn tensor_map(kernel: &'static str, ptr: sys::CUdeviceptr, rows: usize, k: usize) -> Result<TensorMap, DeviceError> {
+    let dims = [k as u64, rows as u64];
+    let strides = [k as u64]; // bytes between rows (dimension 0 is implicitly dense)
+    let boxes = [128u32, 64];
+    let elem_strides = [1u32, 1];
+    let mut map = std::mem::MaybeUninit::<sys::CUtensorMap>::zeroed();
+    // SAFETY: every array has the rank's length and outlives the call; `map` is written by it.
+    let rc = unsafe {
+        sys::cuTensorMapEncodeTiled(
+            map.as_mut_ptr(),
+            sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_UINT8,
+            2,
+            ptr as *mut std::ffi::c_void,
+            dims.as_ptr(),
+            strides.as_ptr(),
+            boxes.as_ptr(),
+            elem_strides.as_ptr(),
+            sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+            sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+            sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+            sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+        )
+    };
+    if rc != sys::CUresult::CUDA_SUCCESS {
+        return Err(DeviceError::Driver {
+            doing: format!("encoding the tensor map of a [{rows}, {k}] e4m3 operand for {kernel}"),
+            message: format!("{rc:?}"),
+        });
+    }
+    // SAFETY: initialised by the successful call (and zeroed before it).
+    Ok(TensorMap(unsafe { map.assume_init() }.opaque))
+}
+
+/// Whether the grouped GEMMs run the sm_90a kernels (TMA + wgmma) on this device.
+fn use_sm90(gpu: &Gpu) -> bool {
+    gpu.arch() == "sm_90a" && std::env::var("HERD_MOE_GEMM").map_or(true, |v| v != "mma")
+}
+
+/// What a launch of one of the sm_90a kernels needs besides its scalar and buffer arguments:
+/// the kernel, the tensor maps of A and of the weights (its first two parameters) and the grid of
+/// 128-row tiles × `col_blocks`.
+struct Sm90Launch {
+    f: cudarc::driver::CudaFunction,
+    ta: TensorMap,
+    tb: TensorMap,
+    cfg: LaunchConfig,
+}
+
+fn sm90_launch(
+    gpu: &Gpu,
+    kernel: &'static str,
+    (a_ptr, w_ptr): (sys::CUdeviceptr, sys::CUdeviceptr),
+    w: &Fp8Experts,
+    groups: &Groups,
+    col_blocks: usize,
+) -> Result<Sm90Launch, DeviceError> {
+    let f = gpu.function(&MOE_GEMM_SM90, kernel)?;
+    f.set_attribute(sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, SM90_SMEM as i32)
+        .map_err(driver_err(format!("raising the shared-memory limit of {kernel}")))?;
+    Ok(Sm90Launch {
+        f,
+        ta: tensor_map(kernel, a_ptr, groups.rows, w.k)?,
+        tb: tensor_map(kernel, w_ptr, w.experts * w.n, w.k)?,
+        cfg: LaunchConfig {
+            // One dimension, expert-major (see find_tile in moe_gemm_sm90.cu).
+            grid_dim: ((groups.tiles_128 * col_blocks) as u32, 1, 1),
+            block_dim: (SM90_THREADS, 1, 1),
+            shared_mem_bytes: SM90_SMEM,
+        },
+    })
+}
+
 fn grid_rows(g: &Groups) -> u32 {
     // The counts are on the host here, so the grid is exact. The kernel still bounds-checks, so a
     // caller whose counts live only on the device can launch the upper bound
@@ -179,8 +282,21 @@ pub fn gemm_swiglu(
     if groups.rows == 0 {
         return Ok(());
     }
-    let f = gpu.function(&MOE_GEMM, K)?;
     let (kg, e, wd, k) = (kgroups as i32, groups.experts as i32, width as i32, w.k as i32);
+    if use_sm90(gpu) {
+        const K90: &str = "moe_gemm_fp8_swiglu_sm90";
+        let stream = gpu.stream();
+        // The guards order the stream after the buffers' last writes; they live past the launch.
+        let ((a_ptr, _a_sync), (w_ptr, _w_sync)) = (a.device_ptr(stream), w.w.device_ptr(stream));
+        let l = sm90_launch(gpu, K90, (a_ptr, w_ptr), w, groups, width / 64)?;
+        let mut b = stream.launch_builder(&l.f);
+        b.arg(&l.ta).arg(&l.tb).arg(a_scale).arg(&kg).arg(&w.scale).arg(&groups.row_offsets);
+        b.arg(&groups.tile_offsets_128).arg(&e).arg(h).arg(h_scale).arg(&wd).arg(&k);
+        // SAFETY: argument list matches the kernel; shapes checked above; the tensor maps cover
+        // exactly the A and weight buffers, alive until the launch is enqueued.
+        return unsafe { b.launch(l.cfg) }.map(drop).map_err(driver_err(format!("launching {K90}")));
+    }
+    let f = gpu.function(&MOE_GEMM, K)?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(a).arg(a_scale).arg(&kg).arg(&w.w).arg(&w.scale).arg(&groups.row_offsets).arg(&groups.tile_offsets);
     b.arg(&e).arg(h).arg(h_scale).arg(&wd).arg(&k);
@@ -212,8 +328,19 @@ pub fn gemm(
     if groups.rows == 0 {
         return Ok(());
     }
-    let f = gpu.function(&MOE_GEMM, K)?;
     let (kg, e, n, k) = (kgroups as i32, groups.experts as i32, w.n as i32, w.k as i32);
+    if use_sm90(gpu) {
+        const K90: &str = "moe_gemm_fp8_sm90";
+        let stream = gpu.stream();
+        let ((a_ptr, _a_sync), (w_ptr, _w_sync)) = (a.device_ptr(stream), w.w.device_ptr(stream));
+        let l = sm90_launch(gpu, K90, (a_ptr, w_ptr), w, groups, w.n / TILE_COLS)?;
+        let mut b = stream.launch_builder(&l.f);
+        b.arg(&l.ta).arg(&l.tb).arg(a_scale).arg(&kg).arg(&w.scale).arg(&groups.row_offsets);
+        b.arg(&groups.tile_offsets_128).arg(&e).arg(y).arg(&n).arg(&k);
+        // SAFETY: as in gemm_swiglu.
+        return unsafe { b.launch(l.cfg) }.map(drop).map_err(driver_err(format!("launching {K90}")));
+    }
+    let f = gpu.function(&MOE_GEMM, K)?;
     let mut b = gpu.stream().launch_builder(&f);
     b.arg(a).arg(a_scale).arg(&kg).arg(&w.w).arg(&w.scale).arg(&groups.row_offsets).arg(&groups.tile_offsets);
     b.arg(&e).arg(y).arg(&n).arg(&k);
