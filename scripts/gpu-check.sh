@@ -7,11 +7,18 @@
 #   scripts/gpu-check.sh            on the GPU machine (CUDA driver, PyTorch, pip NCCL/NVRTC):
 #                                   only runs the bundle; < 8 min on one H100
 #
-# The run: device info → `herd generate --device cuda` must find the GPU (and, for now, refuse to
-# run a model on it) → every kernel's parity test against the CPU reference (fresh random inputs,
-# poisoned outputs; any SKIPPED is a failure here) → the grouped FP8 GEMM at Maverick shapes vs the
-# per-expert torch._scaled_mm loop and vs the card's measured dense FP8 peak → one table.
-# Full logs go to gpu-check-logs/ (and to $OUT/ when the device tool provides it).
+# The run, in order (each step's log in $OUT or gpu-check-logs/):
+#  1. device info and the libraries found;
+#  2. every kernel's parity test against the CPU reference (fresh random inputs, poisoned outputs;
+#     any SKIPPED is a failure here): gpu_parity (MoE), _attention, _linear, _elementwise;
+#  3. the whole model on the GPU: `herd eval --dtype f32 --device cuda` on the golden checkpoints,
+#     compared with transformers' logits (≤ 2e-3) and greedy tokens (tools/golden/compare.py),
+#     and `herd generate --device cuda` on the synthetic tiny model;
+#  4. NCCL: the transport's self-exchange and the dead-peer abort (nccl_check), if built;
+#  5. timings: the grouped FP8 GEMM at Maverick shapes vs the per-expert torch._scaled_mm loop and
+#     the card's dense FP8 peak; the dense linear layers at Maverick shapes; the two-layer Maverick
+#     slice's decode step at batch 1/16/64/256 against its weight-read floor;
+#  6. one summary table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=target/gpu-bundle
@@ -19,15 +26,21 @@ bundle=target/gpu-bundle
 if [ "${1:-}" = --build ]; then
   set -e
   rm -rf "$bundle" && mkdir -p "$bundle"
-  cargo build --release -p herd-coordinator --features cuda
-  cargo build --release -p herd-kernels --features cuda --example gpu_moe_bench
-  parity=$(cargo test --release -p herd-kernels --features cuda --test gpu_parity --no-run 2>&1 \
-    | grep -o 'target/release/deps/gpu_parity-[0-9a-f]*' | head -1)
-  [ -n "$parity" ] || { echo "gpu-check: could not find the gpu_parity test binary" >&2; exit 1; }
   tdir=${CARGO_TARGET_DIR:-target}
-  cp "$tdir/release/herd" "$tdir/release/examples/gpu_moe_bench" "$bundle/"
-  cp "${parity/target/$tdir}" "$bundle/gpu_parity"
-  strip "$bundle"/herd "$bundle"/gpu_moe_bench "$bundle"/gpu_parity
+  cargo build --release -p herd-coordinator --features cuda
+  cargo build --release -p herd-kernels --features cuda --example gpu_moe_bench --example gpu_linear_bench
+  cargo build --release -p herd-worker --features cuda --examples
+  for t in gpu_parity gpu_parity_attention gpu_parity_linear gpu_parity_elementwise; do
+    bin=$(cargo test --release -p herd-kernels --features cuda --test "$t" --no-run 2>&1 \
+      | grep -o "target/release/deps/$t-[0-9a-f]*" | head -1)
+    [ -n "$bin" ] || { echo "gpu-check: could not find the $t test binary" >&2; exit 1; }
+    cp "${bin/target/$tdir}" "$bundle/$t"
+  done
+  cp "$tdir/release/herd" "$tdir/release/examples/gpu_moe_bench" "$tdir/release/examples/gpu_linear_bench" \
+    "$tdir/release/examples/gpu_slice_bench" "$bundle/"
+  [ -x "$tdir/release/examples/nccl_check" ] && cp "$tdir/release/examples/nccl_check" "$bundle/"
+  strip "$bundle"/herd "$bundle"/gpu_*
+  [ -e "$bundle/nccl_check" ] && strip "$bundle/nccl_check"
   cp tools/gpu/scaled_mm_bench.py "$bundle/"
   du -sh "$bundle"; ls -l "$bundle"
   exit 0
@@ -38,7 +51,7 @@ mkdir -p "$logs"
 started=$(date +%s)
 fail=0
 declare -a rows
-row() { rows+=("$(printf '%-44s %s' "$1" "$2")"); }
+row() { rows+=("$(printf '%-52s %s' "$1" "$2")"); }
 
 # NVRTC and NCCL come from pip wheels (PyTorch's dependencies; CUDA 12 wheels keep them in
 # nvidia/<lib>/lib, CUDA 13 wheels in nvidia/cu13/lib) or from the toolkit. cudarc dlopens them by
@@ -52,66 +65,100 @@ for d in /usr/local/cuda/lib64 $(python3 -c 'import nvidia, os; [print(os.path.j
   for v in 13 12; do [ -e "$d/libnvrtc.so.$v" ] && ln -sf "$d/libnvrtc.so.$v" "$libs/libnvrtc.so"; done
 done
 export LD_LIBRARY_PATH="$libs:${LD_LIBRARY_PATH:-}"
-ls -l "$libs" | tee "$logs/libs.log"
+ls -l "$libs" > "$logs/libs.log"
 
 echo "== device" | tee "$logs/device.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$logs/device.log"
 
-echo "== herd --device cuda (must find the GPU)"
-"$bundle/herd" generate --model tiny --prompt x --device cuda --cache-dir "$(mktemp -d)" >"$logs/device_flag.log" 2>&1
-if grep -q "found .* but the engine cannot run a model on CUDA yet" "$logs/device_flag.log"; then
-  row "--device cuda probe" "ok ($(grep -o 'found [^b]*' "$logs/device_flag.log"))"
+echo "== parity tests (GPU vs CPU reference)"
+for bin in gpu_parity gpu_parity_attention gpu_parity_linear gpu_parity_elementwise; do
+  log="$logs/$bin.log"
+  timeout 300 "$bundle/$bin" --nocapture --test-threads 1 >"$log" 2>&1
+  rc=$?
+  tail -3 "$log"
+  for t in $(grep -o '^test gpu_[a-z0-9_]*' "$log" | sed 's/^test //' | sort -u); do
+    if grep -q "SKIPPED $t" "$log"; then row "$t" "SKIPPED (counts as failure)"; fail=1
+    # A test's own prints can land between "test NAME ..." and its verdict, so a failure is
+    # read off libtest's "---- NAME stdout ----" section rather than off the "... ok" line.
+    elif ! grep -q "^---- $t stdout ----" "$log" && grep -q "^test result: " "$log"; then row "$t" "ok"
+    else row "$t" "FAIL"; fail=1; fi
+  done
+  [ $rc = 0 ] || { fail=1; row "$bin" "exit $rc"; }
+done
+
+echo "== the model on the GPU: golden checkpoints (f32) against transformers"
+for c in maverick scout scout-v5; do
+  g=testdata/golden/$c
+  if timeout 180 "$bundle/herd" eval --dtype f32 --device cuda --model "$g/model" --input "$g/input.json" \
+      --output "$logs/golden_$c.json" >"$logs/golden_$c.log" 2>&1 \
+    && python3 tools/golden/compare.py "$g/expected.json" "$logs/golden_$c.json" >>"$logs/golden_$c.log" 2>&1; then
+    row "golden $c (eval --device cuda, f32)" "ok"
+  else
+    row "golden $c (eval --device cuda, f32)" "FAIL: $(tail -1 "$logs/golden_$c.log")"; fail=1
+  fi
+done
+cache=$(mktemp -d)
+if timeout 180 "$bundle/herd" generate --model tiny --cache-dir "$cache" --prompt "The GPU" --max-tokens 16 \
+    --device cuda >"$logs/generate_cuda.log" 2>&1; then
+  row "generate --device cuda (tiny)" "ok"
 else
-  row "--device cuda probe" "FAIL: $(tail -1 "$logs/device_flag.log")"; fail=1
+  row "generate --device cuda (tiny)" "FAIL: $(tail -1 "$logs/generate_cuda.log")"; fail=1
 fi
 
-echo "== parity tests (GPU vs CPU reference)"
-timeout 300 "$bundle/gpu_parity" --nocapture --test-threads 1 >"$logs/parity.log" 2>&1
-rc=$?
-cat "$logs/parity.log"
-for t in $(grep -o '^test gpu_[a-z0-9_]*' "$logs/parity.log" | sed 's/^test //' | sort -u); do
-  if grep -q "SKIPPED $t" "$logs/parity.log"; then row "$t" "SKIPPED (counts as failure)"; fail=1
-  # A test's own prints can land between "test NAME ..." and its verdict, so a failure is
-  # read off libtest's "---- NAME stdout ----" section rather than off the "... ok" line.
-  elif ! grep -q "^---- $t stdout ----" "$logs/parity.log" && grep -q "^test result: " "$logs/parity.log"; then row "$t" "ok"
-  else row "$t" "FAIL"; fail=1; fi
-done
-[ $rc = 0 ] || fail=1
+if [ -x "$bundle/nccl_check" ]; then
+  echo "== NCCL transport"
+  timeout 120 "$bundle/nccl_check" >"$logs/nccl.log" 2>&1 || fail=1
+  cat "$logs/nccl.log"
+  while read -r line; do row "${line%%:*}" "${line#*: }"; done < <(grep '^nccl_check ' "$logs/nccl.log")
+fi
 
-echo "== grouped FP8 GEMM, Maverick shapes (herd)"
+echo "== timings"
 timeout 240 "$bundle/gpu_moe_bench" >"$logs/herd_gemm.jsonl" 2>"$logs/herd_gemm.err" || { fail=1; cat "$logs/herd_gemm.err"; }
-echo "== torch._scaled_mm loop and dense FP8 peak"
 timeout 180 python3 "$bundle/scaled_mm_bench.py" >"$logs/torch.jsonl" 2>"$logs/torch.err" || { fail=1; cat "$logs/torch.err"; }
+timeout 180 "$bundle/gpu_linear_bench" --default-only >"$logs/linear.jsonl" 2>"$logs/linear.err" || { fail=1; cat "$logs/linear.err"; }
+timeout 240 "$bundle/gpu_slice_bench" >"$logs/slice.jsonl" 2>"$logs/slice.err" || { fail=1; cat "$logs/slice.err"; }
 
-python3 - "$logs" <<'PY' > "$logs/gemm_table.txt"
+python3 - "$logs" <<'PY' > "$logs/tables.txt"
 import json, sys, os
 d = sys.argv[1]
 def load(name):
     p = os.path.join(d, name)
     return [json.loads(l) for l in open(p) if l.startswith("{")] if os.path.exists(p) else []
-herd, torch = load("herd_gemm.jsonl"), load("torch.jsonl")
+herd, torch, lin, sl = load("herd_gemm.jsonl"), load("torch.jsonl"), load("linear.jsonl"), load("slice.jsonl")
 peak = next((r["tflops"] for r in torch if r["bench"] == "dense_fp8_peak"), None)
 loop = {(r["tokens"], r["routing"]): r for r in torch if r["bench"] == "scaled_mm_loop"}
-print(f"dense FP8 peak (torch._scaled_mm 8192^3): {peak:.0f} TFLOP/s" if peak else "dense FP8 peak: not measured")
 for r in torch:
     if r["bench"] in ("copy_bandwidth", "read_bandwidth"):
         print(f"{r['bench']}: {r['gbps']:.0f} GB/s")
-print(f"{'tokens':>6} {'routing':8} {'herd ms':>9} {'TFLOP/s':>8} {'% peak':>7} {'torch loop ms':>13} {'speedup':>8}")
+print(f"dense FP8 peak (torch._scaled_mm 8192^3): {peak:.0f} TFLOP/s" if peak else "dense FP8 peak: not measured")
+print()
+print("grouped FP8 GEMM (gate_up + down), Maverick MoE layer")
+print(f"{'kernel':6} {'tokens':>6} {'routing':8} {'herd ms':>9} {'TFLOP/s':>8} {'% peak':>7} {'torch loop ms':>13} {'speedup':>8}")
 for r in herd:
     t = loop.get((r["tokens"], r["routing"]))
     pct = f"{100 * r['total_tflops'] / peak:6.1f}%" if peak else "    n/a"
     tl = f"{t['total_ms']:13.3f}" if t else "          n/a"
     sp = f"{t['total_ms'] / r['total_ms']:7.2f}x" if t else "     n/a"
-    print(f"{r['tokens']:>6} {r['routing']:8} {r['total_ms']:9.3f} {r['total_tflops']:8.1f} {pct} {tl} {sp}")
+    print(f"{r.get('kernel', 'Mma'):6} {r['tokens']:>6} {r['routing']:8} {r['total_ms']:9.3f} {r['total_tflops']:8.1f} {pct} {tl} {sp}")
+if lin:
+    print()
+    print("dense linear (default route)")
+    for r in lin:
+        if "layer" in r:
+            print(f"  {r['layer']:14} {r['dtype']:5} m={r['m']:<4} {r['route']:9} {r['ms']:.4f} ms  {r.get('weight_gbps', 0):7.0f} GB/s  {r.get('tflops', 0):7.1f} TFLOP/s")
+if sl:
+    print()
+    print("Maverick slice (dense + MoE layer, FP8) decode step")
+    for r in sl:
+        floor = f"floor {r['floor_ms']:.4f} ms, ratio {r['ratio_to_floor']:.2f}" if r.get("floor_ms") else ""
+        print(f"  {r.get('moe_gemm', 'Mma'):5} batch {r['batch']:>3} depth {r['depth']}: {r['median_ms']:.4f} ms (min {r['min_ms']:.4f}), {r['tokens_per_s']:.0f} tok/s  {floor}")
 PY
 
 echo
 echo "================ gpu-check summary ($(($(date +%s) - started)) s) ================"
 printf '%s\n' "${rows[@]}"
 echo
-cat "$logs/gemm_table.txt"
-echo
-echo "Maverick two-layer slice decode (batch 1/16/64/256): NOT RUN: the engine cannot run a model on CUDA yet."
+cat "$logs/tables.txt"
 echo "logs: $logs/"
 [ $fail = 0 ] && echo "gpu-check: PASS" || echo "gpu-check: FAIL"
 exit $fail

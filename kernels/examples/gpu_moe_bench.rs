@@ -5,10 +5,10 @@
 //! Usage: gpu_moe_bench [--tokens 16,64,...] [--iters N]
 //! Weights are random e4m3 bytes: one expert's worth generated on the host and uploaded for
 //! every expert (distinct buffers, so every expert's weights stream from memory); activations
-//! are random e4m3 bytes too. `HERD_MOE_GEMM=mma` times the mma.sync kernels on Hopper instead
-//! of the sm_90a (TMA + wgmma) ones.
+//! are random e4m3 bytes too. On an sm_90a device both implementations are timed (the mma.sync
+//! kernels and the TMA + wgmma ones), each line tagged with its `kernel`.
 
-use herd_kernels::cuda::{Gpu, moe};
+use herd_kernels::cuda::{Gpu, MoeGemmKernel, moe};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -31,6 +31,8 @@ fn main() -> anyhow::Result<()> {
     }
     let gpu = Gpu::open(0, None)?;
     eprintln!("gpu_moe_bench on {} ({})", gpu.info().name, gpu.arch());
+    let kernels: Vec<MoeGemmKernel> =
+        if gpu.arch() == "sm_90a" { vec![MoeGemmKernel::Mma, MoeGemmKernel::Sm90] } else { vec![MoeGemmKernel::Mma] };
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     // e4m3 bytes with the sign/exponent range of weights (avoid the 0x7f/0xff NaN codes).
     let mut expert = |n: usize, k: usize| -> Vec<u8> {
@@ -80,20 +82,25 @@ fn main() -> anyhow::Result<()> {
                 end.synchronize()?;
                 Ok(f64::from(start.elapsed_ms(&end)?) / iters as f64)
             };
-            let gu_ms =
-                time(&mut || Ok(moe::gemm_swiglu(&gpu, &a, &a_scale, 1, &gate_up, &groups, &mut h, &mut h_scale)?))?;
-            let dn_ms = time(&mut || Ok(moe::gemm(&gpu, &h, &h_scale, WIDTH / moe::H_GROUP, &down, &groups, &mut y)?))?;
-            let flops = |n: usize, k: usize| 2.0 * tokens as f64 * n as f64 * k as f64;
-            let tflops = |f: f64, ms: f64| f / (ms * 1e-3) / 1e12;
-            let (gu_f, dn_f) = (flops(2 * WIDTH, HIDDEN), flops(HIDDEN, WIDTH));
-            println!(
-                "{{\"bench\":\"grouped_fp8_gemm\",\"tokens\":{tokens},\"routing\":\"{routing}\",\"active_experts\":{},\"gate_up_ms\":{gu_ms:.4},\"gate_up_tflops\":{:.1},\"down_ms\":{dn_ms:.4},\"down_tflops\":{:.1},\"total_ms\":{:.4},\"total_tflops\":{:.1}}}",
-                counts.iter().filter(|&&c| c > 0).count(),
-                tflops(gu_f, gu_ms),
-                tflops(dn_f, dn_ms),
-                gu_ms + dn_ms,
-                tflops(gu_f + dn_f, gu_ms + dn_ms)
-            );
+            for kernel in &kernels {
+                gpu.set_moe_gemm(*kernel)?;
+                let gu_ms = time(&mut || {
+                    Ok(moe::gemm_swiglu(&gpu, &a, &a_scale, 1, &gate_up, &groups, &mut h, &mut h_scale)?)
+                })?;
+                let dn_ms =
+                    time(&mut || Ok(moe::gemm(&gpu, &h, &h_scale, WIDTH / moe::H_GROUP, &down, &groups, &mut y)?))?;
+                let flops = |n: usize, k: usize| 2.0 * tokens as f64 * n as f64 * k as f64;
+                let tflops = |f: f64, ms: f64| f / (ms * 1e-3) / 1e12;
+                let (gu_f, dn_f) = (flops(2 * WIDTH, HIDDEN), flops(HIDDEN, WIDTH));
+                println!(
+                    "{{\"bench\":\"grouped_fp8_gemm\",\"kernel\":\"{kernel:?}\",\"tokens\":{tokens},\"routing\":\"{routing}\",\"active_experts\":{},\"gate_up_ms\":{gu_ms:.4},\"gate_up_tflops\":{:.1},\"down_ms\":{dn_ms:.4},\"down_tflops\":{:.1},\"total_ms\":{:.4},\"total_tflops\":{:.1}}}",
+                    counts.iter().filter(|&&c| c > 0).count(),
+                    tflops(gu_f, gu_ms),
+                    tflops(dn_f, dn_ms),
+                    gu_ms + dn_ms,
+                    tflops(gu_f + dn_f, gu_ms + dn_ms)
+                );
+            }
         }
     }
     Ok(())

@@ -8,7 +8,7 @@
 
 use herd_kernels::cpu::{norm, rope};
 use herd_kernels::cuda::fp8::{e4m3_to_f32, quantize_rows};
-use herd_kernels::cuda::{Gpu, moe, norm as gnorm};
+use herd_kernels::cuda::{Gpu, MoeGemmKernel, moe, norm as gnorm};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -134,9 +134,15 @@ fn gemm_ref(
 /// the reason the kernels promote partial sums to f32 every 128 K. Measured on an H100 (first
 /// sm_90a run, 2026-11-27): worst errors 2^-14.5 (K = 512) and 2^-14.9 (K = 320) of the L1 norm
 /// with one scale group, 2^-18.3 at K = 8192 with groups of 64; an indexing bug errs by ~|want|.
-fn mma_tol(want: &[f32], l1: &[f32]) -> Vec<f32> {
+/// The mma.sync kernels accumulate in f32, so theirs is only summation-order noise (2^-16 of
+/// the L1 norm covers √K·ε for K up to 2^16).
+fn mma_tol(kernel: MoeGemmKernel, want: &[f32], l1: &[f32]) -> Vec<f32> {
     let mag = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    want.iter().zip(l1).map(|(w, l)| 1e-4 * w.abs() + 1e-5 * mag + l * 2f32.powi(-11)).collect()
+    let l1_share = match kernel {
+        MoeGemmKernel::Sm90 => 2f32.powi(-11),
+        MoeGemmKernel::Mma => 2f32.powi(-16),
+    };
+    want.iter().zip(l1).map(|(w, l)| 1e-4 * w.abs() + 1e-5 * mag + l * l1_share).collect()
 }
 
 /// |got - want| ≤ tol, element-wise, with the worst offender in the message.
@@ -181,11 +187,20 @@ fn check_down(gpu: &Gpu, r: &mut ChaCha8Rng, counts: &[usize], n: usize, k: usiz
     let experts = moe::Fp8Experts::upload(gpu, &w, &sw, counts.len(), n, k).expect("cuda");
     let groups = moe::Groups::from_counts(gpu, counts).expect("cuda");
     let (da, dsa) = (gpu.upload(&a).expect("cuda"), gpu.upload(&sa).expect("cuda"));
-    let mut dy = gpu.upload(&vec![f32::NAN; rows * n]).expect("cuda");
-    moe::gemm(gpu, &da, &dsa, kgroups, &experts, &groups, &mut dy).expect("cuda");
-    let got = gpu.download(&dy).expect("cuda");
-    let what = format!("y ({counts:?}, n {n}, k {k}, kgroups {kgroups})");
-    assert_within(&what, &got, &want, &mma_tol(&want, &l1));
+    for kernel in kernels(gpu) {
+        gpu.set_moe_gemm(kernel).expect("kernel choice");
+        let mut dy = gpu.upload(&vec![f32::NAN; rows * n]).expect("cuda");
+        moe::gemm(gpu, &da, &dsa, kgroups, &experts, &groups, &mut dy).expect("cuda");
+        let got = gpu.download(&dy).expect("cuda");
+        let what = format!("{kernel:?} y ({counts:?}, n {n}, k {k}, kgroups {kgroups})");
+        assert_within(&what, &got, &want, &mma_tol(kernel, &want, &l1));
+    }
+    gpu.set_moe_gemm(MoeGemmKernel::default()).expect("kernel choice");
+}
+
+/// Every implementation of the grouped GEMMs this device runs.
+fn kernels(gpu: &Gpu) -> Vec<MoeGemmKernel> {
+    if gpu.arch() == "sm_90a" { vec![MoeGemmKernel::Mma, MoeGemmKernel::Sm90] } else { vec![MoeGemmKernel::Mma] }
 }
 
 /// One grouped gate_up GEMM with the SwiGLU epilogue against [`gemm_ref`] + the CPU SwiGLU.
@@ -198,44 +213,54 @@ fn check_swiglu(gpu: &Gpu, r: &mut ChaCha8Rng, counts: &[usize], width: usize, k
     let mut h = vec![0.0f32; rows * width];
     herd_kernels::cpu::activation::swiglu_fused(&gu, width, &mut h);
     // How far h may move with gate and up inside their GEMM tolerance (|silu'| < 1.1).
-    let gu_tol = mma_tol(&gu, &l1);
-    let h_err: Vec<f32> = (0..rows * width)
-        .map(|i| {
-            let (r, c) = (i / width, i % width);
-            let (g, u) = (gu[r * 2 * width + c], gu[r * 2 * width + width + c]);
-            let (tg, tu) = (gu_tol[r * 2 * width + c], gu_tol[r * 2 * width + width + c]);
-            (g / (1.0 + (-g).exp())).abs() * tu + 1.1 * (u.abs() + tu) * tg
-        })
-        .collect();
+    let h_err_of = |kernel| {
+        let gu_tol = mma_tol(kernel, &gu, &l1);
+        (0..rows * width)
+            .map(|i| {
+                let (r, c) = (i / width, i % width);
+                let (g, u) = (gu[r * 2 * width + c], gu[r * 2 * width + width + c]);
+                let (tg, tu) = (gu_tol[r * 2 * width + c], gu_tol[r * 2 * width + width + c]);
+                (g / (1.0 + (-g).exp())).abs() * tu + 1.1 * (u.abs() + tu) * tg
+            })
+            .collect::<Vec<f32>>()
+    };
     let experts = moe::Fp8Experts::upload(gpu, &w, &sw, counts.len(), 2 * width, k).expect("cuda");
     let groups = moe::Groups::from_counts(gpu, counts).expect("cuda");
     let (da, dsa) = (gpu.upload(&a).expect("cuda"), gpu.upload(&sa).expect("cuda"));
     let ng = width / moe::H_GROUP;
-    let mut dh = gpu.upload(&vec![0x7fu8; rows * width]).expect("cuda");
-    let mut dhs = gpu.upload(&vec![f32::NAN; rows * ng]).expect("cuda");
-    moe::gemm_swiglu(gpu, &da, &dsa, kgroups, &experts, &groups, &mut dh, &mut dhs).expect("cuda");
-    let (hq, hs) = (gpu.download(&dh).expect("cuda"), gpu.download(&dhs).expect("cuda"));
-    let got: Vec<f32> = hq
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| e4m3_to_f32(b) * hs[(i / width) * ng + (i % width) / moe::H_GROUP])
-        .collect();
-    // Each group's scale is its absmax / 448, so the quantization error is at most half an e4m3
-    // step: 2^-4 relative for normals, 2^-10 · 448 · scale absolute for subnormals; on top, h's
-    // own tolerance (h_err) from the GEMM.
-    let want_scales: Vec<f32> =
-        h.chunks_exact(moe::H_GROUP).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 448.0).collect();
-    let scale_tol: Vec<f32> = want_scales
-        .iter()
-        .zip(h_err.chunks_exact(moe::H_GROUP))
-        .map(|(s, d)| 1e-4 * s + d.iter().fold(0.0f32, |m, &v| m.max(v)) / 448.0)
-        .collect();
-    let what = format!("({counts:?}, width {width}, k {k}, kgroups {kgroups})");
-    assert_within(&format!("h_scale {what}"), &hs, &want_scales, &scale_tol);
-    let max_scale = want_scales.iter().fold(0.0f32, |m, &v| m.max(v));
-    let h_tol: Vec<f32> =
-        h.iter().zip(&h_err).map(|(v, d)| (0.0625 + 1e-4) * v.abs() + max_scale * 2f32.powi(-9) + 1.07 * d).collect();
-    assert_within(&format!("h {what}"), &got, &h, &h_tol);
+    for kernel in kernels(gpu) {
+        gpu.set_moe_gemm(kernel).expect("kernel choice");
+        let h_err = h_err_of(kernel);
+        let mut dh = gpu.upload(&vec![0x7fu8; rows * width]).expect("cuda");
+        let mut dhs = gpu.upload(&vec![f32::NAN; rows * ng]).expect("cuda");
+        moe::gemm_swiglu(gpu, &da, &dsa, kgroups, &experts, &groups, &mut dh, &mut dhs).expect("cuda");
+        let (hq, hs) = (gpu.download(&dh).expect("cuda"), gpu.download(&dhs).expect("cuda"));
+        let got: Vec<f32> = hq
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| e4m3_to_f32(b) * hs[(i / width) * ng + (i % width) / moe::H_GROUP])
+            .collect();
+        // Each group's scale is its absmax / 448, so the quantization error is at most half an e4m3
+        // step: 2^-4 relative for normals, 2^-10 · 448 · scale absolute for subnormals; on top, h's
+        // own tolerance (h_err) from the GEMM.
+        let want_scales: Vec<f32> =
+            h.chunks_exact(moe::H_GROUP).map(|g| g.iter().fold(0.0f32, |m, v| m.max(v.abs())) / 448.0).collect();
+        let scale_tol: Vec<f32> = want_scales
+            .iter()
+            .zip(h_err.chunks_exact(moe::H_GROUP))
+            .map(|(s, d)| 1e-4 * s + d.iter().fold(0.0f32, |m, &v| m.max(v)) / 448.0)
+            .collect();
+        let what = format!("{kernel:?} ({counts:?}, width {width}, k {k}, kgroups {kgroups})");
+        assert_within(&format!("h_scale {what}"), &hs, &want_scales, &scale_tol);
+        let max_scale = want_scales.iter().fold(0.0f32, |m, &v| m.max(v));
+        let h_tol: Vec<f32> = h
+            .iter()
+            .zip(&h_err)
+            .map(|(v, d)| (0.0625 + 1e-4) * v.abs() + max_scale * 2f32.powi(-9) + 1.07 * d)
+            .collect();
+        assert_within(&format!("h {what}"), &got, &h, &h_tol);
+    }
+    gpu.set_moe_gemm(MoeGemmKernel::default()).expect("kernel choice");
 }
 
 /// The tile edges of the sm_90a kernels (128-row tiles of two 64-row halves, 128-byte K stages)

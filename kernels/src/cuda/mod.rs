@@ -22,11 +22,23 @@ use compile::Source;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DriverError, result, sys};
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The bindings themselves, for tools (benches) that need events or raw driver calls.
 pub use cudarc;
 pub use cudarc::driver::{CudaSlice, LaunchConfig};
+
+/// Which implementation the grouped FP8 GEMMs (`moe::gemm`, `moe::gemm_swiglu`) use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MoeGemmKernel {
+    /// mma.sync (`moe_gemm.cu`), any FP8 device. The default: it has passed its parity tests on
+    /// an H100; the sm_90a kernels have not yet in their final form (docs/kernels.md).
+    #[default]
+    Mma,
+    /// TMA + wgmma (`moe_gemm_sm90.cu`), sm_90a (H100/H200) only.
+    Sm90,
+}
 
 /// One CUDA device with a stream and the kernels loaded so far.
 #[derive(Debug)]
@@ -38,6 +50,8 @@ pub struct Gpu {
     arch: String,
     kernel_cache: Option<PathBuf>,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Whether the grouped GEMMs run the sm_90a kernels ([`MoeGemmKernel::Sm90`]).
+    moe_gemm_sm90: AtomicBool,
 }
 
 pub(crate) fn driver_err(doing: impl Into<String>) -> impl FnOnce(DriverError) -> DeviceError {
@@ -79,12 +93,36 @@ impl Gpu {
             total_memory: Some(ctx.total_mem().map_err(driver_err("reading the device memory size"))?),
         };
         let stream = ctx.default_stream();
-        Ok(Gpu { ctx, stream, info, arch, kernel_cache, modules: Mutex::new(HashMap::new()) })
+        Ok(Gpu {
+            ctx,
+            stream,
+            info,
+            arch,
+            kernel_cache,
+            modules: Mutex::new(HashMap::new()),
+            moe_gemm_sm90: AtomicBool::new(false),
+        })
     }
 
     /// Opens the device only to describe it (what `--device cuda` checks at start-up).
     pub fn probe(ordinal: usize) -> Result<DeviceInfo, DeviceError> {
         Ok(Gpu::open(ordinal, None)?.info)
+    }
+
+    /// Picks the grouped GEMMs' implementation; [`MoeGemmKernel::Sm90`] needs an sm_90a device.
+    pub fn set_moe_gemm(&self, kernel: MoeGemmKernel) -> Result<(), DeviceError> {
+        if kernel == MoeGemmKernel::Sm90 && self.arch != "sm_90a" {
+            return Err(DeviceError::Invalid {
+                kernel: "moe_gemm_fp8_sm90",
+                reason: format!("needs an sm_90a device (H100/H200), this one is {}", self.arch),
+            });
+        }
+        self.moe_gemm_sm90.store(kernel == MoeGemmKernel::Sm90, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub fn moe_gemm(&self) -> MoeGemmKernel {
+        if self.moe_gemm_sm90.load(Ordering::Relaxed) { MoeGemmKernel::Sm90 } else { MoeGemmKernel::Mma }
     }
 
     pub fn info(&self) -> &DeviceInfo {

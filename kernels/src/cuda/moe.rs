@@ -6,9 +6,9 @@
 //! [routes, width/64] scales` → [`gemm`] (down) → `y [routes, hidden] f32` → [`combine`] with the
 //! shared expert's output → `[tokens, hidden] f32`.
 //!
-//! The grouped GEMMs have two implementations with the same semantics: `moe_gemm_sm90.cu` (TMA +
-//! wgmma, picked on `sm_90a`, i.e. H100/H200) and `moe_gemm.cu` (mma.sync, every other FP8
-//! device). `HERD_MOE_GEMM=mma` forces the latter on Hopper too (for comparisons).
+//! The grouped GEMMs have two implementations with the same semantics: `moe_gemm.cu` (mma.sync,
+//! every FP8 device) and `moe_gemm_sm90.cu` (TMA + wgmma, sm_90a: H100/H200), chosen per device
+//! with [`Gpu::set_moe_gemm`](super::Gpu::set_moe_gemm).
 
 use super::compile::{MOE_COMBINE, MOE_DISPATCH, MOE_GEMM, MOE_GEMM_SM90};
 use super::{CudaSlice, Gpu, LaunchConfig, driver_err};
@@ -211,7 +211,7 @@ fn tensor_map(kernel: &'static str, ptr: sys::CUdeviceptr, rows: usize, k: usize
 
 /// Whether the grouped GEMMs run the sm_90a kernels (TMA + wgmma) on this device.
 fn use_sm90(gpu: &Gpu) -> bool {
-    gpu.arch() == "sm_90a" && std::env::var("HERD_MOE_GEMM").map_or(true, |v| v != "mma")
+    gpu.moe_gemm() == super::MoeGemmKernel::Sm90
 }
 
 /// What a launch of one of the sm_90a kernels needs besides its scalar and buffer arguments:
