@@ -113,8 +113,15 @@ if [ -x "$bundle/nccl_check" ]; then
 fi
 
 echo "== timings"
-timeout 240 "$bundle/gpu_moe_bench" >"$logs/herd_gemm.jsonl" 2>"$logs/herd_gemm.err" || { fail=1; cat "$logs/herd_gemm.err"; }
-timeout 180 python3 "$bundle/scaled_mm_bench.py" >"$logs/torch.jsonl" 2>"$logs/torch.err" || { fail=1; cat "$logs/torch.err"; }
+# 128 experts: all of Maverick's on one GPU; 16: one GPU's share under 8-way expert parallelism.
+: >"$logs/herd_gemm.jsonl"; : >"$logs/torch.jsonl"
+for e in 128 16; do
+  timeout 240 "$bundle/gpu_moe_bench" --experts $e >>"$logs/herd_gemm.jsonl" 2>>"$logs/herd_gemm.err" \
+    || { fail=1; cat "$logs/herd_gemm.err"; }
+  peak=$([ $e = 128 ] || echo --skip-peak)
+  timeout 180 python3 "$bundle/scaled_mm_bench.py" --experts $e $peak >>"$logs/torch.jsonl" 2>>"$logs/torch.err" \
+    || { fail=1; cat "$logs/torch.err"; }
+done
 timeout 180 "$bundle/gpu_linear_bench" --default-only >"$logs/linear.jsonl" 2>"$logs/linear.err" || { fail=1; cat "$logs/linear.err"; }
 timeout 240 "$bundle/gpu_slice_bench" >"$logs/slice.jsonl" 2>"$logs/slice.err" || { fail=1; cat "$logs/slice.err"; }
 
@@ -126,20 +133,20 @@ def load(name):
     return [json.loads(l) for l in open(p) if l.startswith("{")] if os.path.exists(p) else []
 herd, torch, lin, sl = load("herd_gemm.jsonl"), load("torch.jsonl"), load("linear.jsonl"), load("slice.jsonl")
 peak = next((r["tflops"] for r in torch if r["bench"] == "dense_fp8_peak"), None)
-loop = {(r["tokens"], r["routing"]): r for r in torch if r["bench"] == "scaled_mm_loop"}
+loop = {(r.get("experts", 128), r["tokens"], r["routing"]): r for r in torch if r["bench"] == "scaled_mm_loop"}
 for r in torch:
     if r["bench"] in ("copy_bandwidth", "read_bandwidth"):
         print(f"{r['bench']}: {r['gbps']:.0f} GB/s")
 print(f"dense FP8 peak (torch._scaled_mm 8192^3): {peak:.0f} TFLOP/s" if peak else "dense FP8 peak: not measured")
 print()
 print("grouped FP8 GEMM (gate_up + down), Maverick MoE layer")
-print(f"{'kernel':6} {'tokens':>6} {'routing':8} {'herd ms':>9} {'TFLOP/s':>8} {'% peak':>7} {'torch loop ms':>13} {'speedup':>8}")
+print(f"{'kernel':6} {'experts':>7} {'tokens':>6} {'routing':8} {'herd ms':>9} {'TFLOP/s':>8} {'% peak':>7} {'torch loop ms':>13} {'speedup':>8}")
 for r in herd:
-    t = loop.get((r["tokens"], r["routing"]))
+    t = loop.get((r.get("experts", 128), r["tokens"], r["routing"]))
     pct = f"{100 * r['total_tflops'] / peak:6.1f}%" if peak else "    n/a"
     tl = f"{t['total_ms']:13.3f}" if t else "          n/a"
     sp = f"{t['total_ms'] / r['total_ms']:7.2f}x" if t else "     n/a"
-    print(f"{r.get('kernel', 'Mma'):6} {r['tokens']:>6} {r['routing']:8} {r['total_ms']:9.3f} {r['total_tflops']:8.1f} {pct} {tl} {sp}")
+    print(f"{r.get('kernel', 'Mma'):6} {r.get('experts', 128):>7} {r['tokens']:>6} {r['routing']:8} {r['total_ms']:9.3f} {r['total_tflops']:8.1f} {pct} {tl} {sp}")
 if lin:
     print()
     print("dense linear (default route)")

@@ -2,7 +2,7 @@
 //! 8192, 128 experts, top-1) with CUDA events after warm-up. Run by scripts/gpu-check.sh; prints
 //! one JSON object per (tokens, routing) on stdout.
 //!
-//! Usage: gpu_moe_bench [--tokens 16,64,...] [--iters N]
+//! Usage: gpu_moe_bench [--tokens 16,64,...] [--iters N] [--experts 128]
 //! Weights are random e4m3 bytes: one expert's worth generated on the host and uploaded for
 //! every expert (distinct buffers, so every expert's weights stream from memory); activations
 //! are random e4m3 bytes too. On an sm_90a device both implementations are timed (the mma.sync
@@ -14,11 +14,13 @@ use rand_chacha::ChaCha8Rng;
 
 const HIDDEN: usize = 5120;
 const WIDTH: usize = 8192;
-const EXPERTS: usize = 128;
 
 fn main() -> anyhow::Result<()> {
     let mut tokens_list = vec![16usize, 64, 256, 1024, 4096, 16384];
     let mut iters = 20usize;
+    // 128: all of Maverick's experts on one GPU. 16: one GPU's share under 8-way expert
+    // parallelism, where each expert sees 8× more tokens per layer.
+    let mut experts = 128usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -26,6 +28,7 @@ fn main() -> anyhow::Result<()> {
                 tokens_list = args.next().unwrap_or_default().split(',').map(str::parse).collect::<Result<_, _>>()?
             }
             "--iters" => iters = args.next().unwrap_or_default().parse()?,
+            "--experts" => experts = args.next().unwrap_or_default().parse()?,
             other => anyhow::bail!("unknown argument {other:?}"),
         }
     }
@@ -40,23 +43,23 @@ fn main() -> anyhow::Result<()> {
     };
     let gu_one = expert(2 * WIDTH, HIDDEN);
     let dn_one = expert(HIDDEN, WIDTH);
-    let mut gu_w = Vec::with_capacity(EXPERTS * gu_one.len());
-    let mut dn_w = Vec::with_capacity(EXPERTS * dn_one.len());
-    for _ in 0..EXPERTS {
+    let mut gu_w = Vec::with_capacity(experts * gu_one.len());
+    let mut dn_w = Vec::with_capacity(experts * dn_one.len());
+    for _ in 0..experts {
         gu_w.extend_from_slice(&gu_one);
         dn_w.extend_from_slice(&dn_one);
     }
     let gate_up =
-        moe::Fp8Experts::upload(&gpu, &gu_w, &vec![1e-2f32; EXPERTS * 2 * WIDTH], EXPERTS, 2 * WIDTH, HIDDEN)?;
-    let down = moe::Fp8Experts::upload(&gpu, &dn_w, &vec![1e-2f32; EXPERTS * HIDDEN], EXPERTS, HIDDEN, WIDTH)?;
+        moe::Fp8Experts::upload(&gpu, &gu_w, &vec![1e-2f32; experts * 2 * WIDTH], experts, 2 * WIDTH, HIDDEN)?;
+    let down = moe::Fp8Experts::upload(&gpu, &dn_w, &vec![1e-2f32; experts * HIDDEN], experts, HIDDEN, WIDTH)?;
     drop((gu_w, dn_w));
 
     for &tokens in &tokens_list {
         for routing in ["uniform", "skewed"] {
             // Top-1: each token goes to one expert. Skewed: half of the tokens to 4 hot experts.
-            let mut counts = vec![0usize; EXPERTS];
+            let mut counts = vec![0usize; experts];
             for t in 0..tokens {
-                let e = if routing == "skewed" && t % 2 == 0 { t % 4 } else { rng.random_range(0..EXPERTS) };
+                let e = if routing == "skewed" && t % 2 == 0 { t % 4 } else { rng.random_range(0..experts) };
                 counts[e] += 1;
             }
             let groups = moe::Groups::from_counts(&gpu, &counts)?;
@@ -93,7 +96,7 @@ fn main() -> anyhow::Result<()> {
                 let tflops = |f: f64, ms: f64| f / (ms * 1e-3) / 1e12;
                 let (gu_f, dn_f) = (flops(2 * WIDTH, HIDDEN), flops(HIDDEN, WIDTH));
                 println!(
-                    "{{\"bench\":\"grouped_fp8_gemm\",\"kernel\":\"{kernel:?}\",\"tokens\":{tokens},\"routing\":\"{routing}\",\"active_experts\":{},\"gate_up_ms\":{gu_ms:.4},\"gate_up_tflops\":{:.1},\"down_ms\":{dn_ms:.4},\"down_tflops\":{:.1},\"total_ms\":{:.4},\"total_tflops\":{:.1}}}",
+                    "{{\"bench\":\"grouped_fp8_gemm\",\"kernel\":\"{kernel:?}\",\"experts\":{experts},\"tokens\":{tokens},\"routing\":\"{routing}\",\"active_experts\":{},\"gate_up_ms\":{gu_ms:.4},\"gate_up_tflops\":{:.1},\"down_ms\":{dn_ms:.4},\"down_tflops\":{:.1},\"total_ms\":{:.4},\"total_tflops\":{:.1}}}",
                     counts.iter().filter(|&&c| c > 0).count(),
                     tflops(gu_f, gu_ms),
                     tflops(dn_f, dn_ms),

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-HIDDEN, WIDTH, EXPERTS = 5120, 8192, 128
+HIDDEN, WIDTH = 5120, 8192
 
 
 def timed(fn, iters):
@@ -41,53 +41,58 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="16,64,256,1024,4096,16384")
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--experts", type=int, default=128, help="128: all on one GPU; 16: one GPU's share of 8-way EP")
+    ap.add_argument("--skip-peak", action="store_true", help="skip the bandwidth and dense-peak measurements")
     a = ap.parse_args()
     dev = torch.cuda.get_device_name()
 
-    # Memory ceilings: a device-to-device copy (bytes read + written) and a read-only reduction
-    # (the decode floor: a decode step only reads weights).
-    buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
-    dst = torch.empty_like(buf)
-    ms = timed(lambda: dst.copy_(buf), a.iters)
-    print(json.dumps({"bench": "copy_bandwidth", "device": dev, "bytes": 2 * buf.numel(), "ms": ms,
-                      "gbps": 2 * buf.numel() / ms / 1e6}), flush=True)
-    words = buf.view(torch.int32)
-    ms = timed(lambda: words.max(), a.iters)
-    print(json.dumps({"bench": "read_bandwidth", "device": dev, "bytes": buf.numel(), "ms": ms,
-                      "gbps": buf.numel() / ms / 1e6}), flush=True)
-    del buf, dst, words
+    if not a.skip_peak:
+        # Memory ceilings: a device-to-device copy (bytes read + written) and a read-only reduction
+        # (the decode floor: a decode step only reads weights).
+        buf = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+        dst = torch.empty_like(buf)
+        ms = timed(lambda: dst.copy_(buf), a.iters)
+        print(json.dumps({"bench": "copy_bandwidth", "device": dev, "bytes": 2 * buf.numel(), "ms": ms,
+                          "gbps": 2 * buf.numel() / ms / 1e6}), flush=True)
+        words = buf.view(torch.int32)
+        ms = timed(lambda: words.max(), a.iters)
+        print(json.dumps({"bench": "read_bandwidth", "device": dev, "bytes": buf.numel(), "ms": ms,
+                          "gbps": buf.numel() / ms / 1e6}), flush=True)
+        del buf, dst, words
 
-    m = n = k = 8192
-    x, w = fp8(m, k), fp8(n, k)
-    sa, sb = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
-    ms = timed(lambda: mm(x, w, sa, sb), a.iters)
-    print(json.dumps({"bench": "dense_fp8_peak", "device": dev, "m": m, "n": n, "k": k, "ms": ms,
-                      "tflops": 2 * m * n * k / ms / 1e9}), flush=True)
-    del x, w
+        m = n = k = 8192
+        x, w = fp8(m, k), fp8(n, k)
+        sa, sb = torch.ones(m, 1, device="cuda"), torch.ones(1, n, device="cuda")
+        ms = timed(lambda: mm(x, w, sa, sb), a.iters)
+        print(json.dumps({"bench": "dense_fp8_peak", "device": dev, "m": m, "n": n, "k": k, "ms": ms,
+                          "tflops": 2 * m * n * k / ms / 1e9}), flush=True)
+        del x, w
 
-    gu = fp8(2 * WIDTH, HIDDEN)  # one expert's weights, reused for every expert (timing only)
-    dn = fp8(HIDDEN, WIDTH)
+    # Distinct weights per expert (as herd's bench has), so every active expert streams its own.
+    gus = [fp8(2 * WIDTH, HIDDEN) for _ in range(a.experts)]
+    dns = [fp8(HIDDEN, WIDTH) for _ in range(a.experts)]
     gen = torch.Generator().manual_seed(7)
     for tokens in [int(t) for t in a.tokens.split(",")]:
         for routing in ("uniform", "skewed"):
-            experts = torch.randint(0, EXPERTS, (tokens,), generator=gen)
+            experts = torch.randint(0, a.experts, (tokens,), generator=gen)
             if routing == "skewed":
                 experts[::2] = torch.arange(0, tokens, 2) % 4
-            counts = torch.bincount(experts, minlength=EXPERTS).tolist()
-            xs = [fp8(c, HIDDEN) for c in counts if c > 0]
-            hs = [fp8(c, WIDTH) for c in counts if c > 0]
-            sas = [torch.ones(c, 1, device="cuda") for c in counts if c > 0]
+            counts = torch.bincount(experts, minlength=a.experts).tolist()
+            active = [e for e, c in enumerate(counts) if c > 0]
+            xs = [fp8(counts[e], HIDDEN) for e in active]
+            hs = [fp8(counts[e], WIDTH) for e in active]
+            sas = [torch.ones(counts[e], 1, device="cuda") for e in active]
             s_gu, s_dn = torch.ones(1, 2 * WIDTH, device="cuda"), torch.ones(1, HIDDEN, device="cuda")
 
             def loop():
-                for xe, he, se in zip(xs, hs, sas):
-                    mm(xe, gu, se, s_gu)
-                    mm(he, dn, se, s_dn)
+                for e, xe, he, se in zip(active, xs, hs, sas):
+                    mm(xe, gus[e], se, s_gu)
+                    mm(he, dns[e], se, s_dn)
 
             ms = timed(loop, a.iters)
             flops = 2 * tokens * (2 * WIDTH * HIDDEN + HIDDEN * WIDTH)
-            print(json.dumps({"bench": "scaled_mm_loop", "tokens": tokens, "routing": routing,
-                              "active_experts": len(xs), "total_ms": ms, "total_tflops": flops / ms / 1e9}),
+            print(json.dumps({"bench": "scaled_mm_loop", "experts": a.experts, "tokens": tokens, "routing": routing,
+                              "active_experts": len(active), "total_ms": ms, "total_tflops": flops / ms / 1e9}),
                   flush=True)
 
 
