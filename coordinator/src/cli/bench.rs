@@ -144,7 +144,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let model = frontend.load_model(args.dtype, None).context("loading the model to count its bytes")?;
     let (weight_bytes, active_bytes_per_token) = (model.weight_bytes(), model.active_bytes_per_token());
     drop(model);
-    let bandwidth_bytes_per_s = membw::measure();
+    // The limit is the memory the weights stream from: host RAM, or the GPU's HBM.
+    let bandwidth_bytes_per_s = match args.engine.device {
+        herd_kernels::device::Device::Cpu => membw::measure(),
+        herd_kernels::device::Device::Cuda(ordinal) => super::gpu_engine::device_bandwidth(ordinal)?,
+    };
     let base = configs[0].decode_step_ms;
     let (first_prefill, first_decode) = (configs[0].prefill_tokens_per_s, configs[0].decode_tokens_per_s);
     let limit_tokens_per_s = bandwidth_bytes_per_s / active_bytes_per_token.max(1) as f64;

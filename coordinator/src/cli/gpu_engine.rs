@@ -39,6 +39,18 @@ pub fn build(
     Ok(Engine::on_gpu(model, gpu_model, tokenizer, eos, config)?)
 }
 
+/// Device memory bandwidth in bytes/s: a 1 GiB device-to-device copy, bytes read + written.
+#[cfg(feature = "cuda")]
+pub fn device_bandwidth(ordinal: usize) -> anyhow::Result<f64> {
+    let gpu = herd_kernels::cuda::Gpu::open(ordinal, None)?;
+    Ok(herd_worker::gpu::slice::copy_bandwidth(&gpu)? * 1e9)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn device_bandwidth(ordinal: usize) -> anyhow::Result<f64> {
+    anyhow::bail!("--device cuda:{ordinal}: {}", herd_kernels::device::DeviceError::NotBuilt)
+}
+
 /// The twin of the `cuda` build's: `--device cuda` was already refused by the device check.
 #[cfg(not(feature = "cuda"))]
 pub fn build(
