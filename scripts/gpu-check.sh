@@ -105,6 +105,16 @@ else
   row "generate --device cuda (tiny)" "FAIL: $(tail -1 "$logs/generate_cuda.log")"; fail=1
 fi
 
+# End to end through the engine: maverick-mini (synthesised here, ~1.3 GB bf16) at batch 1 and 16.
+for b in 1 16; do
+  if timeout 240 "$bundle/herd" bench --model maverick-mini --cache-dir "$cache" --device cuda --batch $b \
+      --prompt-tokens 512 --gen-tokens 64 --runs 2 --json "$logs/bench_cuda_b$b.json" >"$logs/bench_cuda_b$b.log" 2>&1; then
+    row "bench --device cuda maverick-mini batch $b" "$(grep -iE 'decode' "$logs/bench_cuda_b$b.log" | head -1 | tr -s ' ')"
+  else
+    row "bench --device cuda maverick-mini batch $b" "FAIL: $(tail -1 "$logs/bench_cuda_b$b.log")"; fail=1
+  fi
+done
+
 if [ -x "$bundle/nccl_check" ]; then
   echo "== NCCL transport"
   timeout 120 "$bundle/nccl_check" >"$logs/nccl.log" 2>&1 || fail=1
