@@ -143,6 +143,11 @@ pub async fn run(config: AgentConfig, mut inbox: mpsc::UnboundedReceiver<Inbox>)
                                 let _ = g.commands.send(Command::Cancel { id });
                             }
                         }
+                        // The group's data plane is TCP; nothing consumes an NCCL id yet (see
+                        // `transport::nccl` for what wiring it needs).
+                        ToWorker::NcclId { epoch, .. } => {
+                            tracing::debug!(epoch, "ignoring an NCCL unique id: this worker's data plane is TCP");
+                        }
                     },
                 }
             }

@@ -157,6 +157,74 @@ pub enum ToWorker {
     Cancel {
         id: RequestId,
     },
+    /// The NCCL unique id of the group of `epoch`, for a data plane over NCCL. Rank 0 creates it
+    /// (it runs NCCL's bootstrap root) and the coordinator relays it to the other members, so it
+    /// only ever crosses the authenticated control channel. Last variant, so that the bincode
+    /// tags of the others are unchanged.
+    NcclId {
+        epoch: u64,
+        id: NcclId,
+    },
+}
+
+/// NCCL's 128-byte `ncclUniqueId`: the address of the group's bootstrap root plus a random magic.
+///
+/// Anyone holding it can join the bootstrap of the group, so it travels only over authenticated
+/// channels and `Debug` does not print it. It serializes as 256 lowercase hex digits (one JSON
+/// string, one bincode string). Creating one needs libnccl: `NcclId::new` in
+/// `transport::nccl` (`cuda` builds only).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct NcclId(pub [u8; NCCL_ID_BYTES]);
+
+/// Size of [`NcclId`] (`NCCL_UNIQUE_ID_BYTES`).
+pub const NCCL_ID_BYTES: usize = 128;
+
+impl NcclId {
+    /// Whether every byte is zero (never true of an id NCCL made).
+    pub fn is_zero(&self) -> bool {
+        self.0.iter().all(|&b| b == 0)
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn from_hex(hex: &str) -> Result<NcclId, String> {
+        let digits = hex.as_bytes();
+        if digits.len() != 2 * NCCL_ID_BYTES {
+            return Err(format!("an NCCL id is {} hex digits, got {}", 2 * NCCL_ID_BYTES, digits.len()));
+        }
+        let nibble = |c: u8| match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(format!("{:?} is not a hex digit", char::from(c))),
+        };
+        let mut id = [0u8; NCCL_ID_BYTES];
+        for (byte, pair) in id.iter_mut().zip(digits.chunks_exact(2)) {
+            *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+        }
+        Ok(NcclId(id))
+    }
+}
+
+impl std::fmt::Debug for NcclId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NcclId(<redacted>)")
+    }
+}
+
+impl Serialize for NcclId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for NcclId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let hex = String::deserialize(deserializer)?;
+        NcclId::from_hex(&hex).map_err(serde::de::Error::custom)
+    }
 }
 
 /// One worker's part in a placement epoch.
@@ -253,6 +321,24 @@ mod tests {
             assert_eq!(&read_message::<Command>(&mut input).expect("read"), c);
         }
         assert!(matches!(read_message::<Command>(&mut input), Err(ControlError::Closed)));
+    }
+
+    #[test]
+    fn nccl_id_travels_as_hex_and_rejects_bad_input() {
+        let mut bytes = [0u8; NCCL_ID_BYTES];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            *b = (i * 37 + 11) as u8;
+        }
+        let id = NcclId(bytes);
+        let msg = ToWorker::NcclId { epoch: 4, id };
+        let json = serde_json::to_string(&msg).expect("serialize");
+        assert!(json.contains(&id.to_hex()), "{json}");
+        assert_eq!(serde_json::from_str::<ToWorker>(&json).expect("deserialize"), msg);
+        assert!(!format!("{msg:?}").contains(&id.to_hex()[..16]), "Debug must not print the id");
+        assert!(NcclId::from_hex("ab").is_err());
+        assert!(NcclId::from_hex(&"zz".repeat(NCCL_ID_BYTES)).is_err());
+        assert_eq!(NcclId::from_hex(&id.to_hex().to_uppercase()), Ok(id));
+        assert!(NcclId([0; NCCL_ID_BYTES]).is_zero() && !id.is_zero());
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //!   dropped messages) for tests of the failure paths.
 //! - [`tcp`]: the CPU data plane between processes and hosts: one TCP connection per peer pair,
 //!   raw frames ([`frame`]) and optional mutual TLS ([`tls`]).
-//!
-//! A GPU (NCCL) implementation will sit behind the same trait.
+//! - `nccl` (`cuda` builds only): the GPU data plane, grouped `ncclSend`/`ncclRecv` on a
+//!   non-blocking communicator that is aborted at the deadline.
 //!
 //! Every implementation shares the bookkeeping in [`Lockstep`]: collective sequence numbers,
 //! counters, and poisoning. After the first error a transport refuses all further calls, because
@@ -20,6 +20,8 @@
 
 pub mod frame;
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod tcp;
 pub mod tls;
 
