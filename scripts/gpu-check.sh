@@ -116,6 +116,7 @@ for b in 1 16; do
 done
 
 if [ -x "$bundle/nccl_check" ]; then
+  export NCCL_SOCKET_IFNAME=lo NCCL_DEBUG=WARN
   echo "== NCCL transport"
   timeout 120 "$bundle/nccl_check" >"$logs/nccl.log" 2>&1 || fail=1
   cat "$logs/nccl.log"
