@@ -81,6 +81,11 @@ async fn session(
                 tracing::warn!(worker, epoch, "worker's group failed: {error}");
                 scheduler.group_failed(worker, epoch);
             }
+            Ok(Some(FromWorker::NcclId { epoch, id })) => {
+                if !scheduler.relay_nccl_id(worker, epoch, id) {
+                    tracing::warn!(worker, epoch, "dropped an NCCL id that is not from rank 0 of the current epoch");
+                }
+            }
             Ok(Some(FromWorker::Hello(_))) => {}
             Ok(None) => break Ok(()),
             Err(e) => break Err(e.to_string()),

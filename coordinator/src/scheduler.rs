@@ -12,7 +12,7 @@
 
 use crate::api::service::{EventSender, EventStream, Health, InferenceService, Load, ServiceError};
 use crate::cluster::{ClusterState, Verdict, WorkerId};
-use herd_worker::control::{Assignment, ToWorker, WorkerStatus, make_request_id};
+use herd_worker::control::{Assignment, NcclId, ToWorker, WorkerStatus, make_request_id};
 use herd_worker::engine::request::{Event, Rejection, Request, RequestId};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::vision::PixelValues;
@@ -46,6 +46,8 @@ struct Session {
     last_seen: Instant,
     /// Highest epoch assignment sent on this connection.
     assigned: u64,
+    /// Highest epoch whose NCCL id was sent on this connection.
+    nccl_sent: u64,
 }
 
 struct Route {
@@ -65,6 +67,8 @@ struct Inner {
     next_conn: u64,
     /// Workers whose group failed at an epoch (the leader re-plans when a member reports it).
     group_failed: HashMap<WorkerId, u64>,
+    /// The NCCL unique id rank 0 made for an epoch, for members that connect after it came.
+    nccl_id: Option<(u64, NcclId)>,
 }
 
 /// A worker as the scheduler sees it (for the leader's liveness checks and admin status).
@@ -144,9 +148,11 @@ impl Scheduler {
         let mut inner = self.lock();
         inner.next_conn += 1;
         let conn = inner.next_conn;
-        let session = Session { tx, conn, status: WorkerStatus::default(), last_seen: Instant::now(), assigned: 0 };
+        let session =
+            Session { tx, conn, status: WorkerStatus::default(), last_seen: Instant::now(), assigned: 0, nccl_sent: 0 };
         inner.sessions.insert(worker, session);
         push_assignments(&mut inner);
+        push_nccl_id(&mut inner);
         conn
     }
 
@@ -169,6 +175,20 @@ impl Scheduler {
             s.status = status;
             s.last_seen = Instant::now();
         }
+    }
+
+    /// Rank 0 of `epoch` made its group's NCCL unique id: send it to the other members connected
+    /// here, now and as they connect. Returns false (and drops it) unless it comes from rank 0 of
+    /// the current epoch: an id from elsewhere would point a group at the wrong bootstrap root.
+    /// The id only ever travels over the workers' authenticated control channels.
+    pub fn relay_nccl_id(&self, from: WorkerId, epoch: u64, id: NcclId) -> bool {
+        let mut inner = self.lock();
+        if epoch == 0 || epoch != inner.view.epoch || inner.view.members.first() != Some(&from) {
+            return false;
+        }
+        inner.nccl_id = Some((epoch, id));
+        push_nccl_id(&mut inner);
+        true
     }
 
     pub fn group_failed(&self, worker: WorkerId, epoch: u64) {
@@ -286,6 +306,23 @@ fn push_assignments(inner: &mut Inner) {
         if let Some(a) = inner.view.assignments.get(worker) {
             let _ = session.tx.send(ToWorker::Assign(a.clone()));
             session.assigned = epoch;
+        }
+    }
+}
+
+/// Send the current epoch's NCCL id (if rank 0 has sent one) to every other member that has not
+/// had it on its current connection.
+fn push_nccl_id(inner: &mut Inner) {
+    let Some((epoch, id)) = inner.nccl_id else { return };
+    if epoch != inner.view.epoch {
+        return;
+    }
+    for &m in inner.view.members.iter().skip(1) {
+        if let Some(session) = inner.sessions.get_mut(&m)
+            && session.nccl_sent < epoch
+        {
+            let _ = session.tx.send(ToWorker::NcclId { epoch, id });
+            session.nccl_sent = epoch;
         }
     }
 }
@@ -417,5 +454,80 @@ impl InferenceService for ClusterService {
             waiting: members.iter().map(|s| s.status.waiting).sum(),
             kv_cache_usage: members.iter().map(|s| s.status.kv_usage).sum::<f64>() / n,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::{PlacementEpoch, WorkerRecord};
+    use herd_worker::placement::{MoeShape, Placement};
+
+    /// Workers 1, 2, 3 live; the group of `epoch` is `members` in rank order.
+    fn state(epoch: u64, members: &[WorkerId]) -> ClusterState {
+        let mut s = ClusterState::default();
+        for id in 1..=3 {
+            s.workers.insert(
+                id,
+                WorkerRecord {
+                    id,
+                    name: format!("w{id}"),
+                    data_addr: format!("127.0.0.1:{}", 9000 + id).parse().expect("addr"),
+                    memory_bytes: 0,
+                    device: "cuda".into(),
+                    verdict: Verdict::Live,
+                    reason: String::new(),
+                },
+            );
+        }
+        let shape = MoeShape { moe_layers: vec![0], experts: 4 };
+        s.placement = Some(PlacementEpoch {
+            epoch,
+            members: members.to_vec(),
+            placement: Placement::round_robin(members.len(), &shape),
+            reason: String::new(),
+        });
+        s
+    }
+
+    fn nccl_ids(rx: &mut mpsc::UnboundedReceiver<ToWorker>) -> Vec<(u64, NcclId)> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|m| match m {
+                ToWorker::NcclId { epoch, id } => Some((epoch, id)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn rank_zeros_nccl_id_reaches_the_other_members_once_including_late_ones() {
+        let sched = Scheduler::new(1, 1000);
+        sched.set_state(&state(5, &[2, 1, 3]));
+        let (tx1, mut rx1) = mpsc::unbounded_channel();
+        let (tx2, mut rx2) = mpsc::unbounded_channel();
+        sched.attach(1, tx1);
+        sched.attach(2, tx2);
+        let id = NcclId([7; herd_worker::control::NCCL_ID_BYTES]);
+        // Only rank 0 (worker 2) of the current epoch may set the group's id.
+        assert!(!sched.relay_nccl_id(1, 5, id));
+        assert!(!sched.relay_nccl_id(2, 4, id));
+        assert!(nccl_ids(&mut rx1).is_empty());
+        assert!(sched.relay_nccl_id(2, 5, id));
+        assert_eq!(nccl_ids(&mut rx1), vec![(5, id)]);
+        // Rank 0 made it: it is not sent back.
+        assert!(nccl_ids(&mut rx2).is_empty());
+        // A member connecting later gets it on attach; nobody gets it twice.
+        let (tx3, mut rx3) = mpsc::unbounded_channel();
+        sched.attach(3, tx3);
+        assert_eq!(nccl_ids(&mut rx3), vec![(5, id)]);
+        assert!(sched.relay_nccl_id(2, 5, id));
+        assert!(nccl_ids(&mut rx1).is_empty() && nccl_ids(&mut rx3).is_empty());
+        // A new epoch makes the old id stale: a reconnecting member does not get it.
+        sched.set_state(&state(6, &[1, 3]));
+        let (tx3, mut rx3) = mpsc::unbounded_channel();
+        sched.attach(3, tx3);
+        assert!(nccl_ids(&mut rx3).is_empty());
+        assert!(sched.relay_nccl_id(1, 6, NcclId([9; herd_worker::control::NCCL_ID_BYTES])));
+        assert_eq!(nccl_ids(&mut rx3).len(), 1);
     }
 }

@@ -111,6 +111,12 @@ pub enum FromWorker {
         epoch: u64,
         error: String,
     },
+    /// Rank 0 of `epoch` created the group's NCCL unique id; the coordinator relays it to the
+    /// other members as [`ToWorker::NcclId`]. Last variant, so the others' bincode tags stay.
+    NcclId {
+        epoch: u64,
+        id: NcclId,
+    },
 }
 
 /// Who a worker is and what it brings.

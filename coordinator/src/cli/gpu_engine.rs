@@ -32,6 +32,7 @@ pub fn build(
     );
     let mut config = flags.config()?;
     if flags.kv_cache_bytes.is_none() {
+        gpu.context().bind_to_thread().context("binding the CUDA context")?;
         let (free, _) =
             herd_kernels::cuda::cudarc::driver::result::mem_get_info().context("reading free GPU memory")?;
         config.kv_cache_bytes = (free as f64 * flags.kv_cache_fraction) as usize;

@@ -56,6 +56,8 @@ impl GpuKv {
 
     /// As many blocks as `bytes` holds, refused if the device has not that much free memory.
     pub fn new(gpu: &Gpu, config: &TextConfig, bytes: usize) -> Result<Self, GpuError> {
+        // The query reads the calling thread's current context: make it this device's.
+        gpu.context().bind_to_thread()?;
         let (free, _) = herd_kernels::cuda::cudarc::driver::result::mem_get_info()?;
         if bytes > free {
             return Err(GpuError::KvTooLarge { bytes, free });

@@ -27,8 +27,11 @@
 //! only `libnccl.so.2`, so a `libnccl.so` symlink must be on the loader path) and the driver
 //! `libcuda.so.1`. Both are checked first, because cudarc panics on a missing library.
 //!
-//! Not wired into the agent yet: that needs a `FromWorker::NcclId { epoch, id }` from rank 0,
-//! relayed by the coordinator to the other members as [`ToWorker::NcclId`](crate::control::ToWorker::NcclId).
+//! How the id travels: rank 0 sends [`FromWorker::NcclId`](crate::control::FromWorker::NcclId)
+//! and the coordinator relays it to the other members of that epoch as
+//! [`ToWorker::NcclId`](crate::control::ToWorker::NcclId) (coordinator `Scheduler::relay_nccl_id`).
+//! Not wired into the agent yet: the agent still builds the TCP data plane, because the engine
+//! does not run expert-parallel steps on the GPU.
 
 mod comm;
 
