@@ -11,44 +11,12 @@
 use herd_kernels::cpu::attention::{AttnHeads, AttnMask, KvHistory, attention as cpu_attention};
 use herd_kernels::cuda::Gpu;
 use herd_kernels::cuda::attention::{AttnBatch, BLOCK_TOKENS, attention, attn_temperature, kv_write};
+use rand::Rng;
 use rand::seq::SliceRandom;
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-fn gpu_or_skip(test: &str) -> Option<Gpu> {
-    match Gpu::open(0, None) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            println!("SKIPPED {test}: {e}");
-            None
-        }
-    }
-}
-
-fn rng(test: &str) -> ChaCha8Rng {
-    let seed: u64 = rand::random();
-    println!("{test}: seed {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
-}
-
-/// |got - want| ≤ rel · |want| + abs, element-wise, with the worst offender in the message.
-fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    let mut worst = (0usize, 0.0f32);
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let excess = (g - w).abs() - (rel * w.abs() + abs);
-        assert!(!g.is_nan(), "{what}[{i}] is NaN (never written?), want {w}");
-        if excess > worst.1 {
-            worst = (i, excess);
-        }
-    }
-    let i = worst.0;
-    assert!(worst.1 <= 0.0, "{what}[{i}] = {} want {} (rel {rel}, abs {abs})", got[i], want[i]);
-}
+mod support;
+use support::{assert_close, gpu_or_skip, randn, rng};
 
 const MAVERICK: AttnHeads = AttnHeads { q_heads: 40, kv_heads: 8, head_dim: 128 };
 const TINY: AttnHeads = AttnHeads { q_heads: 4, kv_heads: 2, head_dim: 64 };

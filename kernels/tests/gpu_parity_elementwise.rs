@@ -5,41 +5,11 @@
 
 use herd_kernels::cpu::{activation, norm, rope};
 use herd_kernels::cuda::elementwise::{self as ew, EmbedTable};
-use herd_kernels::cuda::{Gpu, norm as gnorm};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use herd_kernels::cuda::norm as gnorm;
+use rand::Rng;
 
-fn gpu_or_skip(test: &str) -> Option<Gpu> {
-    match Gpu::open(0, None) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            println!("SKIPPED {test}: {e}");
-            None
-        }
-    }
-}
-
-fn rng(test: &str) -> ChaCha8Rng {
-    let seed: u64 = rand::random();
-    println!("{test}: seed {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
-}
-
-fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32, abs: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        assert!(!g.is_nan(), "{what}[{i}] is NaN (never written?), want {w}");
-        assert!((g - w).abs() <= rel * w.abs() + abs, "{what}[{i}] = {g} want {w}");
-    }
-}
-
-fn nan(gpu: &Gpu, n: usize) -> herd_kernels::cuda::CudaSlice<f32> {
-    gpu.upload(&vec![f32::NAN; n]).expect("cuda")
-}
+mod support;
+use support::{assert_close, gpu_or_skip, nan, randn, rng};
 
 #[test]
 fn gpu_embedding_rows_match_the_table() {

@@ -9,28 +9,10 @@
 use herd_kernels::cuda::fp8::{e4m3_to_f32, quantize_rows};
 use herd_kernels::cuda::linear::{self, LinearWeight, Route};
 use herd_kernels::cuda::{CudaSlice, Gpu};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::Rng;
 
-fn gpu_or_skip(test: &str) -> Option<Gpu> {
-    match Gpu::open(0, None) {
-        Ok(g) => Some(g),
-        Err(e) => {
-            println!("SKIPPED {test}: {e}");
-            None
-        }
-    }
-}
-
-fn rng(test: &str) -> ChaCha8Rng {
-    let seed: u64 = rand::random();
-    println!("{test}: seed {seed}");
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
-}
+mod support;
+use support::{gpu_or_skip, randn, rng};
 
 const MS: [usize; 6] = [1, 3, 8, 9, 64, 200];
 /// (n, k): odd sizes, a Maverick-like K, and one that fits the FP8 tensor-core route.
