@@ -116,8 +116,8 @@ impl GpuTextModel {
             };
             layers.push(GpuLayer {
                 spec: l.spec,
-                input_norm: upload::vector(&gpu, l.input_norm)?,
-                post_norm: upload::vector(&gpu, l.post_norm)?,
+                input_norm: gpu.upload(l.input_norm)?,
+                post_norm: gpu.upload(l.post_norm)?,
                 q: upload::linear(&gpu, l.q)?,
                 k: upload::linear(&gpu, l.k)?,
                 v: upload::linear(&gpu, l.v)?,
@@ -127,7 +127,7 @@ impl GpuTextModel {
         }
         let rope = RopeFreqs::new(config.head_dim, config.rope_theta, config.rope_scaling.as_ref());
         Ok(Self {
-            norm: upload::vector(&gpu, norm)?,
+            norm: gpu.upload(norm)?,
             gpu,
             config,
             embed: Some(embed_table),

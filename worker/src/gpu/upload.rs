@@ -8,8 +8,8 @@
 use super::GpuError;
 use crate::model::weights::Weight;
 use herd_kernels::Elems;
+use herd_kernels::cuda::Gpu;
 use herd_kernels::cuda::linear::LinearWeight;
-use herd_kernels::cuda::{CudaSlice, Gpu};
 
 /// A weight matrix `[rows, cols]` staged on the host in its upload dtype.
 #[derive(Debug)]
@@ -103,10 +103,6 @@ pub fn stacked(gpu: &Gpu, ws: &[&Weight]) -> Result<LinearWeight, GpuError> {
     let parts = ws.iter().map(|w| HostMat::of(w)).collect::<Result<Vec<_>, _>>()?;
     let (m, r, c) = HostMat::stack(parts)?;
     m.upload(gpu, r, c)
-}
-
-pub fn vector(gpu: &Gpu, v: &[f32]) -> Result<CudaSlice<f32>, GpuError> {
-    Ok(gpu.upload(v)?)
 }
 
 #[cfg(test)]
