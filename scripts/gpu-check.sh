@@ -14,6 +14,9 @@
 #  3. the whole model on the GPU: `herd eval --dtype f32 --device cuda` on the golden checkpoints,
 #     compared with transformers' logits (≤ 2e-3) and greedy tokens (tools/golden/compare.py),
 #     and `herd generate --device cuda` on the synthetic tiny model;
+#     expert parallelism on the GPU: gpu_expert_parallel (thread-ranks, each holding a share of the
+#     experts, equal to one GPU holding all) and `herd generate --workers 2 --device cuda` (worker
+#     processes on this GPU, maverick-mini bf16 and FP8) against one engine, token for token;
 #  4. NCCL: the transport's self-exchange and the dead-peer abort (nccl_check), if built;
 #  5. timings: the grouped FP8 GEMM at Maverick shapes vs the per-expert torch._scaled_mm loop and
 #     the card's dense FP8 peak; the dense linear layers at Maverick shapes; the two-layer Maverick
@@ -30,8 +33,10 @@ if [ "${1:-}" = --build ]; then
   cargo build --release -p herd-coordinator --features cuda
   cargo build --release -p herd-kernels --features cuda --example gpu_moe_bench --example gpu_linear_bench
   cargo build --release -p herd-worker --features cuda --examples
-  for t in gpu_parity gpu_parity_attention gpu_parity_linear gpu_parity_elementwise; do
-    bin=$(cargo test --release -p herd-kernels --features cuda --test "$t" --no-run 2>&1 \
+  for t in kernels/gpu_parity kernels/gpu_parity_attention kernels/gpu_parity_linear \
+      kernels/gpu_parity_elementwise worker/gpu_expert_parallel; do
+    crate=herd-${t%%/*} t=${t#*/}
+    bin=$(cargo test --release -p "$crate" --features cuda --test "$t" --no-run 2>&1 \
       | grep -o "target/release/deps/$t-[0-9a-f]*" | head -1)
     [ -n "$bin" ] || { echo "gpu-check: could not find the $t test binary" >&2; exit 1; }
     cp "${bin/target/$tdir}" "$bundle/$t"
@@ -71,7 +76,7 @@ echo "== device" | tee "$logs/device.log"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee -a "$logs/device.log"
 
 echo "== parity tests (GPU vs CPU reference)"
-for bin in gpu_parity gpu_parity_attention gpu_parity_linear gpu_parity_elementwise; do
+for bin in gpu_parity gpu_parity_attention gpu_parity_linear gpu_parity_elementwise gpu_expert_parallel; do
   log="$logs/$bin.log"
   timeout 300 "$bundle/$bin" --nocapture --test-threads 1 >"$log" 2>&1
   rc=$?
@@ -112,6 +117,26 @@ for b in 1 16; do
     row "bench --device cuda maverick-mini batch $b" "$(grep -iE 'decode' "$logs/bench_cuda_b$b.log" | head -1 | tr -s ' ')"
   else
     row "bench --device cuda maverick-mini batch $b" "FAIL: $(tail -1 "$logs/bench_cuda_b$b.log")"; fail=1
+  fi
+done
+
+# Expert parallelism end to end: two worker processes on this GPU (TCP data plane between them)
+# against one engine; greedy, so the texts must match. FP8 experts take the grouped-GEMM path.
+mm=$cache/synth/maverick-mini-seed0
+timeout 180 "$bundle/herd" quantize --format fp8 --in "$mm" --out "$cache/maverick-mini-fp8" \
+  >"$logs/quantize_fp8.log" 2>&1 || { row "quantize maverick-mini to FP8" "FAIL: $(tail -1 "$logs/quantize_fp8.log")"; fail=1; }
+for m in "$mm" "$cache/maverick-mini-fp8"; do
+  [ -d "$m" ] || continue
+  tag=$(basename "$m")
+  gen=(generate --model "$m" --prompt "Experts across workers" --max-tokens 24 --temperature 0 --ignore-eos \
+    --device cuda --kv-cache-bytes 1G)
+  if timeout 180 "$bundle/herd" "${gen[@]}" >"$logs/ep_${tag}_1.txt" 2>"$logs/ep_${tag}_1.log" \
+    && timeout 240 "$bundle/herd" "${gen[@]}" --workers 2 >"$logs/ep_${tag}_2.txt" 2>"$logs/ep_${tag}_2.log"; then
+    # The last stdout line is the run's statistics ("[herd] ... | 2 workers | ..."): not compared.
+    if cmp -s <(grep -v '^\[herd\] ' "$logs/ep_${tag}_1.txt") <(grep -v '^\[herd\] ' "$logs/ep_${tag}_2.txt"); then row "generate --workers 2 --device cuda ($tag)" "ok (same text)"
+    else row "generate --workers 2 --device cuda ($tag)" "FAIL: texts differ"; fail=1; fi
+  else
+    row "generate --workers 2 --device cuda ($tag)" "FAIL: $(tail -1 "$logs/ep_${tag}_2.log" "$logs/ep_${tag}_1.log" | tr '\n' ' ')"; fail=1
   fi
 done
 

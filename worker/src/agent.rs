@@ -13,8 +13,9 @@
 use crate::control::{
     Assignment, Command, FromWorker, Report, ToWorker, WorkerHello, WorkerStatus, request_coordinator,
 };
+use crate::engine::device::{self, DeviceOptions};
 use crate::engine::request::{Event, Rejection};
-use crate::engine::scheduler::{Engine, EngineConfig};
+use crate::engine::scheduler::EngineConfig;
 use crate::ep::EpRunner;
 use crate::frontend::Frontend;
 use crate::lockstep::{self, Load, LockstepConfig};
@@ -62,6 +63,8 @@ pub struct AgentConfig {
     pub frontend: Arc<Frontend>,
     pub dtype: ComputeDtype,
     pub engine: EngineConfig,
+    /// The CPU, or the GPU every group's engine runs on (its routed experts uploaded there).
+    pub device: DeviceOptions,
     pub tcp: TcpOptions,
     /// The data-plane listener (its address is `hello.data_addr`); cloned for every group.
     pub listener: TcpListener,
@@ -251,15 +254,18 @@ fn run_group(
     let local: BTreeMap<usize, Vec<usize>> =
         a.placement.layers.keys().map(|&l| (l, a.placement.local_experts(a.rank, l))).collect();
     let model = config.frontend.load_model(config.dtype, Some(&local)).map_err(|e| format!("loading weights: {e}"))?;
-    let mut engine = Engine::new(
+    let mut engine = device::build(
         Arc::new(model),
         Arc::clone(&config.frontend.tokenizer),
         config.frontend.eos_ids(),
         config.engine.clone(),
+        &config.device,
     )
-    .map_err(|e| format!("starting the engine: {e}"))?;
-    if let Some((vision, patch)) =
-        config.frontend.load_vision(config.dtype).map_err(|e| format!("loading the vision tower: {e}"))?
+    .map_err(|e| format!("starting the engine on {}: {e}", config.device.device))?;
+    // The vision tower runs on a CPU engine; a GPU engine refuses image prompts.
+    if config.device.device == herd_kernels::device::Device::Cpu
+        && let Some((vision, patch)) =
+            config.frontend.load_vision(config.dtype).map_err(|e| format!("loading the vision tower: {e}"))?
     {
         engine.enable_vision(Arc::new(vision), patch);
     }

@@ -3,14 +3,15 @@
 //!
 //! ```text
 //! route (local) → pick a replica per route (Placement::pick) → pack [expert, score, x] records
-//!   → all_to_all_v #1 → group received records by expert → run local experts
-//!   → all_to_all_v #2 (results in received order) → combine in route order
+//!   → all_to_all_v #1 → group received records by expert → run local experts (ExpertShard)
+//!   → all_to_all_v #2 (results in received order) → each route's row in route order
+//!   → combine (CPU: in route order here; GPU: on the device, as its local combine)
 //! ```
 //! The combine adds each token's expert outputs in (expert, token) order — the order the
 //! local runner uses — and every expert computes each row independently of its batch, so a
 //! distributed run reproduces a single-process run bit for bit under any placement.
 
-use crate::model::moe::{ExpertError, ExpertRunner, MoeBlock, Routing, accumulate};
+use crate::model::moe::{ExpertError, ExpertRunner, ExpertShard, MoeBlock, Routing, accumulate};
 use crate::placement::Placement;
 use crate::transport::{Transport, TransportError};
 use std::collections::BTreeMap;
@@ -24,8 +25,8 @@ pub enum DispatchError {
     Ragged { layer: usize, peer: usize, len: usize, record: usize },
     #[error("layer {layer}: rank {peer} sent a token for expert {expert}, which this worker does not hold")]
     NotLocal { layer: usize, peer: usize, expert: usize },
-    #[error("layer {layer}: expert {expert}: {message}")]
-    Expert { layer: usize, expert: usize, message: String },
+    #[error("layer {layer}: running the local experts: {message}")]
+    Experts { layer: usize, message: String },
     #[error("layer {layer}: rank {peer} returned {got} result rows for {sent} dispatched tokens")]
     ResultCount { layer: usize, peer: usize, got: usize, sent: usize },
 }
@@ -86,20 +87,25 @@ impl EpRunner {
         &self.traffic
     }
 
-    fn dispatch(
+    /// Ships each route of `routing` (this worker's tokens `x`, `[tokens, hidden]`) to a
+    /// worker holding its expert, runs the rows the peers sent on `shard`, and returns each
+    /// route's expert output in `routing` order: `[routes, hidden]`. Every worker of the group
+    /// calls this for every MoE layer of every step, with or without routes.
+    pub fn exchange(
         &mut self,
         layer: usize,
-        block: &MoeBlock,
+        shard: &dyn ExpertShard,
         x: &[f32],
         routing: &Routing,
     ) -> Result<Vec<f32>, DispatchError> {
         let (rank, world) = (self.transport.rank(), self.transport.world());
-        let hidden = block.hidden();
+        let hidden = shard.hidden();
         let record = 8 + 4 * hidden;
         // Which routes went to which rank, in send order.
         let mut sent: Vec<Vec<usize>> = vec![Vec::new(); world];
         let mut send: Vec<Vec<u8>> = vec![Vec::new(); world];
-        let mut nth = vec![0usize; block.num_experts()];
+        let experts = routing.routes.iter().map(|r| r.expert + 1).max().unwrap_or(0);
+        let mut nth = vec![0usize; experts]; // routes sent so far, per expert
         for (ri, route) in routing.routes.iter().enumerate() {
             let dest = self.placement.pick(layer, route.expert, rank, nth[route.expert]);
             nth[route.expert] += 1;
@@ -125,30 +131,36 @@ impl EpRunner {
             counts[peer] = buf.len() / record;
             for (pos, rec) in buf.chunks_exact(record).enumerate() {
                 let expert = u32::from_le_bytes([rec[0], rec[1], rec[2], rec[3]]) as usize;
-                if !block.is_local(expert) {
+                if !shard.is_local(expert) {
                     return Err(DispatchError::NotLocal { layer, peer, expert });
                 }
                 let score = f32::from_le_bytes([rec[4], rec[5], rec[6], rec[7]]);
                 by_expert.entry(expert).or_default().push(Received { peer, pos, score, x: &rec[8..] });
             }
         }
-        let mut results: Vec<Vec<f32>> = counts.iter().map(|&n| vec![0.0f32; n * hidden]).collect();
-        let traffic = self.traffic.entry(layer).or_default();
+        // One call for every local expert's rows, grouped in ascending expert order.
+        let total: usize = by_expert.values().map(Vec::len).sum();
+        let mut inputs = Vec::with_capacity(total * hidden); // [received, hidden]
+        let mut groups = Vec::with_capacity(by_expert.len());
         for (&expert, rows) in &by_expert {
-            let mut inputs = Vec::with_capacity(rows.len() * hidden);
             for r in rows {
                 // The same f32 product as MoeBlock::gather on the token's home worker.
                 inputs.extend(r.x.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]) * r.score));
             }
-            let mut y = vec![0.0f32; inputs.len()];
-            block.run_expert(expert, &inputs, &mut y).map_err(|e| DispatchError::Expert {
-                layer,
-                expert,
-                message: e.to_string(),
-            })?;
-            for (r, row) in rows.iter().zip(y.chunks_exact(hidden)) {
-                results[r.peer][r.pos * hidden..(r.pos + 1) * hidden].copy_from_slice(row);
-            }
+            groups.push((expert, rows.len()));
+        }
+        let mut y = vec![0.0f32; inputs.len()]; // [received, hidden]
+        if total > 0 {
+            shard
+                .run_groups(&groups, &inputs, &mut y)
+                .map_err(|e| DispatchError::Experts { layer, message: e.to_string() })?;
+        }
+        let mut results: Vec<Vec<f32>> = counts.iter().map(|&n| vec![0.0f32; n * hidden]).collect();
+        let traffic = self.traffic.entry(layer).or_default();
+        for (r, row) in by_expert.values().flatten().zip(y.chunks_exact(hidden)) {
+            results[r.peer][r.pos * hidden..(r.pos + 1) * hidden].copy_from_slice(row);
+        }
+        for (&expert, rows) in &by_expert {
             *traffic.tokens_per_expert.entry(expert).or_default() += rows.len() as u64;
         }
         let t2 = Instant::now();
@@ -157,35 +169,39 @@ impl EpRunner {
         let returned = self.transport.all_to_all_v(back, Instant::now() + self.timeout)?;
         let t3 = Instant::now();
 
-        // Each route's result row, then the combine in route order.
-        let mut rows: Vec<&[u8]> = vec![&[]; routing.routes.len()];
+        // Each route's result row, in route order.
+        let mut out = vec![0.0f32; routing.routes.len() * hidden]; // [routes, hidden]
         for (peer, buf) in returned.iter().enumerate() {
             let got = buf.len() / (4 * hidden);
             if buf.len() % (4 * hidden) != 0 || got != sent[peer].len() {
                 return Err(DispatchError::ResultCount { layer, peer, got, sent: sent[peer].len() });
             }
             for (&ri, row) in sent[peer].iter().zip(buf.chunks_exact(4 * hidden)) {
-                rows[ri] = row;
+                for (o, b) in out[ri * hidden..(ri + 1) * hidden].iter_mut().zip(row.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
             }
         }
-        let mut routed = vec![0.0f32; x.len()]; // [tokens, hidden]
-        let mut y = Vec::with_capacity(routing.routes.len() * hidden);
-        for row in &rows {
-            y.extend(row.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-        }
-        accumulate(&mut routed, routing.routes.iter().map(|r| r.token), &y, hidden);
 
         let traffic = self.traffic.entry(layer).or_default();
         traffic.collectives += 2;
         traffic.bytes_out += (out_bytes + back_out) as u64;
         traffic.exchange += (t1 - t0) + (t3 - t2);
         traffic.compute += t2 - t1;
-        Ok(routed)
+        Ok(out)
     }
 }
 
 impl ExpertRunner for EpRunner {
     fn run(&mut self, layer: usize, block: &MoeBlock, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError> {
-        self.dispatch(layer, block, x, routing).map_err(|e| Box::new(e) as ExpertError)
+        let y = self.exchange(layer, block, x, routing).map_err(|e| Box::new(e) as ExpertError)?;
+        // The combine in route order (expert, then token), as the local runner sums.
+        let mut routed = vec![0.0f32; x.len()]; // [tokens, hidden]
+        accumulate(&mut routed, routing.routes.iter().map(|r| r.token), &y, block.hidden());
+        Ok(routed)
+    }
+
+    fn expert_parallel(&mut self) -> Option<&mut EpRunner> {
+        Some(self)
     }
 }

@@ -9,7 +9,8 @@
 //!   epochs re-forming the lockstep group, requests in and events out).
 //! - [`chat_template`]: the checkpoint's Jinja chat template rendered as transformers does.
 //! - [`engine`]: the continuous-batching engine ([`engine::scheduler`]) over a paged KV cache
-//!   ([`engine::kv_cache`]), with sampling ([`engine::sampler`]) and stop rules.
+//!   ([`engine::kv_cache`]), with sampling ([`engine::sampler`]) and stop rules; built on the
+//!   CPU or a GPU by [`engine::device`].
 //! - [`control`]: the messages between a worker and its driver (requests in, events out).
 //! - [`lockstep`]: the loop that keeps an expert-parallel group stepping together.
 //! - [`ep`]: expert parallelism — the MoE runner that ships routed tokens to the workers

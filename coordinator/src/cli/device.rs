@@ -10,17 +10,3 @@ pub fn check(device: Device) -> anyhow::Result<()> {
     device::probe(device).map_err(|e| anyhow::anyhow!("--device {device}: {e}"))?;
     Ok(())
 }
-
-/// [`check`] for the commands whose engines still run only on the CPU: the worker processes of
-/// an expert-parallel group (the engine does not drive the NCCL data plane yet) and `serve`,
-/// which starts them. Silently falling back to the CPU would be a lie.
-pub fn check_cpu_only(device: Device, command: &str) -> anyhow::Result<()> {
-    check(device)?;
-    match device {
-        Device::Cpu => Ok(()),
-        Device::Cuda(_) => anyhow::bail!(
-            "--device {device}: `herd {command}` runs expert-parallel worker processes, which are CPU-only for now \
-             (the GPU engine runs in one process: `herd generate|eval|bench --device cuda`; see docs/kernels.md)"
-        ),
-    }
-}

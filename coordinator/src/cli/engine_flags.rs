@@ -48,6 +48,17 @@ impl EngineFlags {
         })
     }
 
+    /// Where the engine runs and how a GPU engine sizes its KV cache: without
+    /// `--kv-cache-bytes`, `--kv-cache-fraction` of the device memory left free once the weights
+    /// are up. Compiled kernels are cached in `~/.cache/herd/kernels`.
+    pub fn device_options(&self) -> herd_worker::engine::device::DeviceOptions {
+        herd_worker::engine::device::DeviceOptions {
+            device: self.device,
+            gpu_kv_fraction: self.kv_cache_bytes.is_none().then_some(self.kv_cache_fraction),
+            kernel_cache: super::model_arg::cache_dir(None).ok().map(|d| d.join("kernels")),
+        }
+    }
+
     /// The same flags as command-line arguments (to start worker processes with).
     pub fn to_args(&self) -> Vec<String> {
         let mut args = vec![
@@ -141,15 +152,11 @@ pub fn make_backend(
     if cluster.workers == 0 {
         let model = std::sync::Arc::new(frontend.load_model(dtype, None)?);
         let tokenizer = std::sync::Arc::clone(&frontend.tokenizer);
-        let mut built = match engine.device {
-            herd_kernels::device::Device::Cpu => {
-                herd_worker::engine::scheduler::Engine::new(model, tokenizer, frontend.eos_ids(), engine.config()?)?
-            }
-            herd_kernels::device::Device::Cuda(ordinal) => {
-                super::gpu_engine::build(ordinal, model, tokenizer, frontend.eos_ids(), engine)?
-            }
-        };
-        // The vision tower runs on the CPU either way; a GPU engine refuses image prompts.
+        let opts = engine.device_options();
+        let mut built =
+            herd_worker::engine::device::build(model, tokenizer, frontend.eos_ids(), engine.config()?, &opts)
+                .with_context(|| format!("starting the engine on --device {}", engine.device))?;
+        // The vision tower runs on the CPU engine; a GPU engine refuses image prompts.
         if engine.device == herd_kernels::device::Device::Cpu
             && let Some((vision, patch)) = frontend.load_vision(dtype)?
         {
@@ -157,12 +164,8 @@ pub fn make_backend(
         }
         return Ok(Box::new(LocalBackend::new(built)));
     }
-    if engine.device != herd_kernels::device::Device::Cpu {
-        anyhow::bail!(
-            "--device {}: --workers runs CPU-only worker processes for now; drop --workers to run on the GPU",
-            engine.device
-        );
-    }
+    // Every worker process runs on the same --device (one GPU may hold several workers; on a
+    // multi-GPU host, start `herd worker --device cuda:N` per GPU instead).
     let mut worker_args = vec![
         "--placement".to_string(),
         cluster.placement.clone(),

@@ -74,7 +74,7 @@ impl Drop for Children {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    super::device::check_cpu_only(args.engine.device, "serve")?; // before any model is loaded
+    super::device::check(args.engine.device)?; // before any model is loaded
     anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
     anyhow::ensure!(args.coordinators > 0, "--coordinators must be at least 1");
     let model_dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;

@@ -9,7 +9,7 @@ use super::engine_flags::EngineFlags;
 use super::model_arg;
 use anyhow::Context;
 use herd_worker::control::{CONTROL_VERSION, Command, LayerStats, Report, WorkerStats, read_message, write_message};
-use herd_worker::engine::scheduler::Engine;
+use herd_worker::engine::device;
 use herd_worker::ep::EpRunner;
 use herd_worker::frontend::Frontend;
 use herd_worker::lockstep::{self, LockstepConfig};
@@ -90,7 +90,7 @@ pub struct WorkerArgs {
 }
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
-    super::device::check_cpu_only(args.engine.device, "worker")?; // before any model is loaded
+    super::device::check(args.engine.device)?; // before any model is loaded
     if !args.coordinators.is_empty() {
         return super::worker_agent::run(&args);
     }
@@ -133,9 +133,19 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let model = frontend.load_model(args.dtype, Some(&local)).context("loading weights")?;
     let weight_bytes = model.weight_bytes();
     let engine_config = args.engine.config()?;
-    let mut engine = Engine::new(Arc::new(model), Arc::clone(&frontend.tokenizer), frontend.eos_ids(), engine_config)?;
-    // The vision tower runs on the worker that owns an image request's sequence.
-    if let Some((vision, patch)) = frontend.load_vision(args.dtype).context("loading the vision tower")? {
+    let mut engine = device::build(
+        Arc::new(model),
+        Arc::clone(&frontend.tokenizer),
+        frontend.eos_ids(),
+        engine_config,
+        &args.engine.device_options(),
+    )
+    .with_context(|| format!("starting the engine on --device {}", args.engine.device))?;
+    // The vision tower runs on a CPU engine, on the worker that owns an image request's
+    // sequence; a GPU engine refuses image prompts.
+    if args.engine.device == herd_kernels::device::Device::Cpu
+        && let Some((vision, patch)) = frontend.load_vision(args.dtype).context("loading the vision tower")?
+    {
         engine.enable_vision(Arc::new(vision), patch);
     }
 

@@ -17,6 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// `cpu`, or `cuda:N (NVIDIA H100 80GB HBM3)`: what admins see in the worker list.
+fn describe(device: herd_kernels::device::Device) -> String {
+    match herd_kernels::device::probe(device) {
+        Ok(info) if device != herd_kernels::device::Device::Cpu => format!("{device} ({})", info.name),
+        _ => device.to_string(),
+    }
+}
+
 pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
     let tls_dir =
         args.tls_dir.as_ref().context("--coordinators needs --tls-dir (the cluster CA and this node's certificate)")?;
@@ -30,7 +38,7 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
         name: name.clone(),
         data_addr,
         memory_bytes: total_memory().unwrap_or(0),
-        device: "cpu".into(),
+        device: describe(args.engine.device),
         fingerprint: frontend.fingerprint(),
         version: CONTROL_VERSION,
     };
@@ -39,6 +47,7 @@ pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
         frontend,
         dtype: args.dtype,
         engine: args.engine.config()?,
+        device: args.engine.device_options(),
         tcp: TcpOptions { cluster_token: args.cluster_token.as_bytes().to_vec(), ..TcpOptions::default() },
         listener,
         heartbeat: Duration::from_millis(250),

@@ -32,6 +32,8 @@ pub enum EngineError {
     Kv(#[from] KvError),
     #[error(transparent)]
     Model(#[from] ModelError),
+    #[error(transparent)]
+    Device(#[from] herd_kernels::device::DeviceError),
     #[cfg(feature = "cuda")]
     #[error(transparent)]
     Gpu(#[from] crate::gpu::GpuError),
@@ -111,8 +113,13 @@ struct GpuBackend {
 
 #[cfg(feature = "cuda")]
 impl GpuBackend {
-    fn forward(&mut self, pool: &mut KvPool, steps: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
-        Ok(self.model.forward(&mut self.kv, pool, steps)?)
+    fn forward(
+        &mut self,
+        pool: &mut KvPool,
+        steps: &mut [SeqStep<'_>],
+        experts: &mut dyn ExpertRunner,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        Ok(self.model.forward(&mut self.kv, pool, steps, experts.expert_parallel())?)
     }
 }
 
@@ -123,7 +130,12 @@ enum GpuBackend {}
 
 #[cfg(not(feature = "cuda"))]
 impl GpuBackend {
-    fn forward(&mut self, _: &mut KvPool, _: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn forward(
+        &mut self,
+        _: &mut KvPool,
+        _: &mut [SeqStep<'_>],
+        _: &mut dyn ExpertRunner,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         match *self {}
     }
 }
@@ -390,7 +402,7 @@ impl Engine {
                 })
                 .collect();
             match self.gpu.as_mut() {
-                Some(g) => g.forward(&mut self.pool, &mut steps)?,
+                Some(g) => g.forward(&mut self.pool, &mut steps, experts)?,
                 None => self.model.forward_with(&mut self.pool, &mut steps, experts)?,
             }
         };

@@ -11,7 +11,9 @@
 //! - [`moe`]: a MoE layer on the device: router, host-side top-k (the counts must reach the host
 //!   anyway, for the expert-parallel all-to-all), then either the fused FP8 path (dispatch
 //!   quantization → grouped FP8 GEMMs → combine) when every expert is FP8, or per-expert float
-//!   linears (the f32 path the golden tests compare with transformers).
+//!   linears (the f32 path the golden tests compare with transformers). In an expert-parallel
+//!   group the routed rows go through [`EpRunner::exchange`](crate::ep::EpRunner::exchange) and
+//!   the experts this worker holds run the rows its peers send.
 //! - [`slice`]: a Maverick slice with random FP8 weights made on the device, for the decode
 //!   benchmark of issue 6.
 //!
@@ -43,4 +45,6 @@ pub enum GpuError {
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("the KV cache of {bytes} bytes does not fit: {free} bytes of device memory are free")]
     KvTooLarge { bytes: usize, free: usize },
+    #[error(transparent)]
+    Dispatch(#[from] crate::ep::DispatchError),
 }

@@ -10,6 +10,7 @@ use super::GpuError;
 use super::moe::{GpuMlp, GpuMoe, RoutedExperts, scratch};
 use super::upload;
 use crate::engine::kv_cache::{KvPool, SeqKv};
+use crate::ep::EpRunner;
 use crate::model::config::{LayerAttention, LayerSpec, TextConfig};
 use crate::model::moe::{ExpertWeights, MoeBlock};
 use crate::model::text::{FfnWeights, LogitsFor, SeqStep, TextModel};
@@ -93,8 +94,8 @@ struct LayerPlan {
 }
 
 impl GpuTextModel {
-    /// Uploads `cpu`'s weights (every routed expert must be local: expert parallelism on CUDA
-    /// needs the NCCL data plane in the engine, not there yet).
+    /// Uploads `cpu`'s weights: only the routed experts it holds (all of them on a single
+    /// worker; a member of an expert-parallel group holds its placement's share).
     pub fn upload(gpu: Arc<Gpu>, cpu: &TextModel) -> Result<Self, GpuError> {
         let config = cpu.config().clone();
         let (embed, norm, lm_head) = cpu.outer_weights();
@@ -164,12 +165,15 @@ impl GpuTextModel {
     }
 
     /// Runs new tokens of every sequence in `batch` (the CPU `TextModel::forward` contract):
-    /// each sequence's requested logits as `[rows, vocab]`.
+    /// each sequence's requested logits as `[rows, vocab]`. With `ep` the routed experts run
+    /// across the expert-parallel group, whose every member calls this each step, with or
+    /// without tokens.
     pub fn forward(
         &self,
         kv: &mut GpuKv,
         pool: &mut KvPool,
         batch: &mut [SeqStep<'_>],
+        mut ep: Option<&mut EpRunner>,
     ) -> Result<Vec<Vec<f32>>, GpuError> {
         let cfg = &self.config;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
@@ -186,6 +190,9 @@ impl GpuTextModel {
         };
         let total: usize = batch.iter().map(|s| s.tokens.len()).sum();
         if total == 0 {
+            if let Some(ep) = ep.as_deref_mut() {
+                self.join_exchanges(ep)?;
+            }
             return Ok(batch.iter().map(|_| Vec::new()).collect());
         }
         let gpu = &*self.gpu;
@@ -193,7 +200,7 @@ impl GpuTextModel {
         let mut x = scratch(gpu, total * h)?; // [tokens, hidden], written by embed_rows
         ew::embed_rows(gpu, embed, &gpu.upload(&ids)?, h, &mut x)?;
         let mut seqs: Vec<(usize, &mut SeqKv)> = batch.iter_mut().map(|s| (s.tokens.len(), &mut *s.kv)).collect();
-        self.run_layers(kv, pool, &mut seqs, &mut x)?;
+        self.run_layers(kv, pool, &mut seqs, &mut x, ep)?;
 
         // The rows whose logits were asked for, gathered, normed, projected.
         let mut rows: Vec<i32> = Vec::new();
@@ -231,6 +238,19 @@ impl GpuTextModel {
         Ok(out)
     }
 
+    /// A step without tokens in an expert-parallel group: this worker still joins every MoE
+    /// layer's exchange, running the rows its peers send.
+    fn join_exchanges(&self, ep: &mut EpRunner) -> Result<(), GpuError> {
+        for (li, layer) in self.layers.iter().enumerate() {
+            if let GpuFfn::Moe(m) = &layer.ffn {
+                let empty = self.gpu.zeros::<f32>(1)?;
+                let mut out = self.gpu.zeros::<f32>(1)?;
+                m.forward(&self.gpu, &empty, 0, &mut out, Some((li, &mut *ep)))?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every decoder layer over `x` (`[tokens, hidden]`, updated in place); `seqs` are (new
     /// tokens, block tables) in the order of `x`'s rows. Commits the new tokens to each sequence.
     pub fn run_layers(
@@ -239,6 +259,7 @@ impl GpuTextModel {
         pool: &mut KvPool,
         seqs: &mut [(usize, &mut SeqKv)],
         x: &mut CudaSlice<f32>,
+        mut ep: Option<&mut EpRunner>,
     ) -> Result<(), GpuError> {
         let cfg = &self.config;
         let gpu = &*self.gpu;
@@ -256,7 +277,8 @@ impl GpuTextModel {
                 _ => AttnMask::Causal,
             };
             let plan = self.plan_layer(pool, seqs, li, mask)?;
-            self.layer_forward(layer, kv, &plan, mask, x, total, &rope, &pos_dev)?;
+            let ep = ep.as_deref_mut().map(|r| (li, r));
+            self.layer_forward(layer, kv, &plan, mask, x, total, &rope, &pos_dev, ep)?;
         }
         for (n, s) in seqs.iter_mut() {
             s.commit(*n);
@@ -303,6 +325,7 @@ impl GpuTextModel {
         total: usize,
         rope: &(CudaSlice<f32>, CudaSlice<f32>),
         positions: &CudaSlice<i32>,
+        ep: Option<(usize, &mut EpRunner)>,
     ) -> Result<(), GpuError> {
         let cfg = &self.config;
         let gpu = &*self.gpu;
@@ -342,7 +365,7 @@ impl GpuTextModel {
         norm::rms_norm(gpu, x, Some(&layer.post_norm), &mut a, h, eps)?;
         match &layer.ffn {
             GpuFfn::Dense(m) => m.forward(gpu, &a, total, &mut o)?,
-            GpuFfn::Moe(m) => m.forward(gpu, &a, total, &mut o)?,
+            GpuFfn::Moe(m) => m.forward(gpu, &a, total, &mut o, ep)?,
         }
         ew::add_in_place(gpu, x, &o, total * h)?;
         Ok(())
@@ -356,15 +379,18 @@ fn mlp(gpu: &Gpu, m: &crate::model::mlp::Mlp) -> Result<GpuMlp, GpuError> {
 
 fn moe(gpu: &Gpu, m: &MoeBlock) -> Result<GpuMoe, GpuError> {
     let (experts, hidden, width) = (m.num_experts(), m.hidden(), m.width());
-    let weights = (0..experts)
-        .map(|e| m.expert_weights(e))
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| GpuError::Unsupported("a worker holding only some routed experts".into()))?;
+    // The experts this worker holds, in ascending order; the others run on its peers.
+    let weights: Vec<ExpertWeights<'_>> = (0..experts).filter_map(|e| m.expert_weights(e)).collect();
+    let mut held = vec![None; experts];
+    for (slot, e) in (0..experts).filter(|&e| m.is_local(e)).enumerate() {
+        held[e] = Some(slot);
+    }
     let is_fp8 = |w: &crate::model::weights::Weight| matches!(w.elems(), Elems::F8E4M3 { .. });
-    let all_fp8 = weights.iter().all(|w| match w {
-        ExpertWeights::Linear { gate, up, down } => is_fp8(gate) && is_fp8(up) && is_fp8(down),
-        ExpertWeights::Fused { .. } => false,
-    });
+    let all_fp8 = !weights.is_empty()
+        && weights.iter().all(|w| match w {
+            ExpertWeights::Linear { gate, up, down } => is_fp8(gate) && is_fp8(up) && is_fp8(down),
+            ExpertWeights::Fused { .. } => false,
+        });
     // The grouped GEMMs tile K by 64 and the down GEMM's N by 128.
     let gemm_shapes = hidden.is_multiple_of(gmoe::TILE_COLS)
         && hidden.is_multiple_of(gmoe::TILE_K)
@@ -385,11 +411,11 @@ fn moe(gpu: &Gpu, m: &MoeBlock) -> Result<GpuMoe, GpuError> {
             push(down, &mut dn_w, &mut dn_s);
         }
         RoutedExperts::Fp8 {
-            gate_up: Box::new(gmoe::Fp8Experts::upload(gpu, &gu_w, &gu_s, experts, 2 * width, hidden)?),
-            down: Box::new(gmoe::Fp8Experts::upload(gpu, &dn_w, &dn_s, experts, hidden, width)?),
+            gate_up: Box::new(gmoe::Fp8Experts::upload(gpu, &gu_w, &gu_s, weights.len(), 2 * width, hidden)?),
+            down: Box::new(gmoe::Fp8Experts::upload(gpu, &dn_w, &dn_s, weights.len(), hidden, width)?),
         }
     } else {
-        let mut mlps = Vec::with_capacity(experts);
+        let mut mlps = Vec::with_capacity(weights.len());
         for w in weights {
             mlps.push(match w {
                 ExpertWeights::Fused { gate_up, down } => {
@@ -409,6 +435,7 @@ fn moe(gpu: &Gpu, m: &MoeBlock) -> Result<GpuMoe, GpuError> {
         shared: mlp(gpu, m.shared_expert())?,
         routed,
         experts,
+        held,
         top_k: m.top_k(),
         hidden,
         width,

@@ -113,6 +113,7 @@ pub fn maverick_slice(gpu: Arc<Gpu>, seed: u64) -> Result<GpuTextModel, GpuError
                     down: Box::new(fp8_experts(&gpu, e, h, config.intermediate_size, 23 + li as u32)?),
                 },
                 experts: e,
+                held: (0..e).map(Some).collect(),
                 top_k: config.num_experts_per_tok,
                 hidden: h,
                 width: config.intermediate_size,
@@ -197,7 +198,7 @@ pub fn time_decode(
         ew::fill_random_f32(gpu, &mut x, 100 + i as u32, 1.0)?;
         let mut step: Vec<_> = seqs.iter_mut().map(|s| (1usize, s)).collect();
         start.record(gpu.stream())?;
-        model.run_layers(&mut kv, &mut pool, &mut step, &mut x)?;
+        model.run_layers(&mut kv, &mut pool, &mut step, &mut x, None)?;
         end.record(gpu.stream())?;
         end.synchronize()?;
         if i >= warmup {

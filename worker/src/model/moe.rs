@@ -33,6 +33,32 @@ impl Routing {
         &self.routes[self.offsets[e]..self.offsets[e + 1]]
     }
 
+    /// Top-`top_k` experts of each token by raw logit (`logits`: `[tokens, experts]`), scored
+    /// by their sigmoids, sorted by (expert, token).
+    pub fn from_logits(logits: &[f32], experts: usize, top_k: usize) -> Self {
+        let tokens = logits.len() / experts.max(1);
+        let mut routes: Vec<Route> = Vec::with_capacity(tokens * top_k);
+        for (t, row) in logits.chunks_exact(experts.max(1)).enumerate() {
+            for (expert, logit) in activation::top_k(row, top_k) {
+                routes.push(Route { token: t, expert, score: activation::sigmoid(logit) });
+            }
+        }
+        routes.sort_by_key(|r| (r.expert, r.token));
+        let mut offsets = vec![0usize; experts + 1];
+        for r in &routes {
+            offsets[r.expert + 1] += 1;
+        }
+        for e in 0..experts {
+            offsets[e + 1] += offsets[e];
+        }
+        Routing { routes, offsets }
+    }
+
+    /// No routes (a worker with no tokens this step still joins the layer's exchange).
+    pub fn empty(experts: usize) -> Self {
+        Routing { routes: Vec::new(), offsets: vec![0; experts + 1] }
+    }
+
     /// Tokens per expert (for load statistics).
     pub fn counts(&self) -> Vec<usize> {
         self.offsets.windows(2).map(|w| w[1] - w[0]).collect()
@@ -49,6 +75,45 @@ pub trait ExpertRunner: Send {
     /// `x`: `[tokens, hidden]` post-norm activations; returns the routed output
     /// `[tokens, hidden]`: each token's expert outputs summed in expert-index order.
     fn run(&mut self, layer: usize, block: &MoeBlock, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError>;
+
+    /// The expert-parallel exchange behind this runner, for a model that runs the rest of the
+    /// MoE layer itself (the GPU engine keeps the shared expert and the combine on the device
+    /// and hands only the routed rows to the group). `None` when every expert is in this
+    /// process.
+    fn expert_parallel(&mut self) -> Option<&mut crate::ep::EpRunner> {
+        None
+    }
+}
+
+/// The routed experts one worker holds, as the expert-parallel exchange runs them on the rows
+/// its peers sent: the CPU [`MoeBlock`], or the same layer's experts on a GPU.
+pub trait ExpertShard {
+    fn hidden(&self) -> usize;
+    fn is_local(&self, expert: usize) -> bool;
+    /// Runs already-scaled rows `inputs` (`[rows, hidden]`), laid out as `groups` of
+    /// `(expert, rows)` in ascending expert order, into `out` (`[rows, hidden]`). Every row is
+    /// computed independently of the others, so a row's result does not depend on the batch.
+    fn run_groups(&self, groups: &[(usize, usize)], inputs: &[f32], out: &mut [f32]) -> Result<(), ExpertError>;
+}
+
+impl ExpertShard for MoeBlock {
+    fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    fn is_local(&self, expert: usize) -> bool {
+        MoeBlock::is_local(self, expert)
+    }
+
+    fn run_groups(&self, groups: &[(usize, usize)], inputs: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
+        let mut start = 0;
+        for &(expert, rows) in groups {
+            let span = start * self.hidden..(start + rows) * self.hidden;
+            self.run_expert(expert, &inputs[span.clone()], &mut out[span])?;
+            start += rows;
+        }
+        Ok(())
+    }
 }
 
 /// A failure outside the model while running experts (e.g. a lost peer).
@@ -288,22 +353,7 @@ impl MoeBlock {
 
     /// [`route`](Self::route) from router logits already computed: `[tokens, experts]`.
     pub fn route_logits(&self, logits: &[f32]) -> Routing {
-        let tokens = logits.len() / self.experts;
-        let mut routes: Vec<Route> = Vec::with_capacity(tokens * self.top_k);
-        for (t, row) in logits.chunks_exact(self.experts).enumerate() {
-            for (expert, logit) in activation::top_k(row, self.top_k) {
-                routes.push(Route { token: t, expert, score: activation::sigmoid(logit) });
-            }
-        }
-        routes.sort_by_key(|r| (r.expert, r.token));
-        let mut offsets = vec![0usize; self.experts + 1];
-        for r in &routes {
-            offsets[r.expert + 1] += 1;
-        }
-        for e in 0..self.experts {
-            offsets[e + 1] += offsets[e];
-        }
-        Routing { routes, offsets }
+        Routing::from_logits(logits, self.experts, self.top_k)
     }
 
     /// The expert inputs of `routes`: each token's row scaled by its score. `[routes, hidden]`

@@ -30,8 +30,10 @@
 //! How the id travels: rank 0 sends [`FromWorker::NcclId`](crate::control::FromWorker::NcclId)
 //! and the coordinator relays it to the other members of that epoch as
 //! [`ToWorker::NcclId`](crate::control::ToWorker::NcclId) (coordinator `Scheduler::relay_nccl_id`).
-//! Not wired into the agent yet: the agent still builds the TCP data plane, because the engine
-//! does not run expert-parallel steps on the GPU.
+//! Not wired into the agent yet: the GPU engine's expert-parallel exchange
+//! ([`EpRunner::exchange`](crate::ep::EpRunner::exchange)) works on host rows, which this
+//! transport would only stage back through the device, so the agent keeps TCP until the exchange
+//! runs on device buffers.
 
 mod comm;
 
