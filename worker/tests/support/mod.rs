@@ -21,10 +21,17 @@ use std::sync::Arc;
 use std::sync::mpsc::channel;
 use std::time::Duration;
 
-/// A golden checkpoint of `testdata/golden` (maverick, scout, scout-v5).
+/// A golden checkpoint of `testdata/golden` (maverick, scout, scout-v5): under the current
+/// directory when run from the repository root (a test binary carried to the GPU machine by
+/// scripts/gpu-check.sh, where the build's path does not exist), else beside this crate.
 pub fn frontend(name: &str) -> Frontend {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/golden").join(name).join("model");
-    Frontend::load(&dir).expect("load")
+    let rel = Path::new("testdata/golden").join(name).join("model");
+    let dir = if rel.is_dir() {
+        rel
+    } else {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../testdata/golden").join(name).join("model")
+    };
+    Frontend::load(&dir).unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
 }
 
 pub fn shape(f: &Frontend) -> MoeShape {
