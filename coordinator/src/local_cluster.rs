@@ -32,6 +32,8 @@ pub struct ClusterOptions {
     pub model_dir: PathBuf,
     /// Extra `herd worker` arguments (placement, dtype, engine flags, timeouts).
     pub worker_args: Vec<String>,
+    /// More arguments for rank `i` only (e.g. its `--device`); ranks past the end get none.
+    pub rank_args: Vec<Vec<String>>,
     /// Compute threads per worker (`None`: each uses every core, which oversubscribes).
     pub threads: Option<usize>,
     /// How long start-up (model load + connect) may take.
@@ -63,6 +65,7 @@ impl LocalCluster {
                 .arg("--model")
                 .arg(&opts.model_dir)
                 .args(&opts.worker_args)
+                .args(opts.rank_args.get(rank).into_iter().flatten())
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())

@@ -107,6 +107,7 @@ fn killing_a_worker_mid_generation_fails_the_others_within_the_deadline() {
         worker_args: ["--dtype", "f32", "--kv-cache-bytes", "64M", "--step-timeout-ms", &deadline_ms.to_string()]
             .map(String::from)
             .to_vec(),
+        rank_args: Vec::new(),
         threads: Some(1),
         start_timeout: Duration::from_secs(60),
     };

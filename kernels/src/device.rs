@@ -83,6 +83,18 @@ pub fn probe(device: Device) -> Result<DeviceInfo, DeviceError> {
     }
 }
 
+/// How many CUDA devices this host has (an error where the build or the host has none).
+#[cfg(feature = "cuda")]
+pub fn cuda_device_count() -> Result<usize, DeviceError> {
+    crate::cuda::Gpu::count()
+}
+
+/// The twin of the `cuda` build's count: a typed refusal.
+#[cfg(not(feature = "cuda"))]
+pub fn cuda_device_count() -> Result<usize, DeviceError> {
+    Err(DeviceError::NotBuilt)
+}
+
 #[cfg(feature = "cuda")]
 fn probe_cuda(ordinal: usize) -> Result<DeviceInfo, DeviceError> {
     crate::cuda::Gpu::probe(ordinal)

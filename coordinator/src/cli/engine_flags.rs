@@ -59,7 +59,8 @@ impl EngineFlags {
         }
     }
 
-    /// The same flags as command-line arguments (to start worker processes with).
+    /// The same flags as command-line arguments (to start worker processes with), except
+    /// `--device`: each worker gets its own ([`super::device::worker_devices`]).
     pub fn to_args(&self) -> Vec<String> {
         let mut args = vec![
             "--kv-cache-fraction".into(),
@@ -68,8 +69,6 @@ impl EngineFlags {
             self.max_step_tokens.to_string(),
             "--max-running".into(),
             self.max_running.to_string(),
-            "--device".into(),
-            self.device.to_string(),
         ];
         if let Some(b) = self.kv_cache_bytes {
             args.extend(["--kv-cache-bytes".into(), b.to_string()]);
@@ -164,8 +163,7 @@ pub fn make_backend(
         }
         return Ok(Box::new(LocalBackend::new(built)));
     }
-    // Every worker process runs on the same --device (one GPU may hold several workers; on a
-    // multi-GPU host, start `herd worker --device cuda:N` per GPU instead).
+    // Worker i runs on the i-th GPU from --device's (several share a GPU when there are fewer).
     let mut worker_args = vec![
         "--placement".to_string(),
         cluster.placement.clone(),
@@ -180,6 +178,10 @@ pub fn make_backend(
         workers: cluster.workers,
         model_dir: dir.to_path_buf(),
         worker_args,
+        rank_args: super::device::worker_devices(engine.device, cluster.workers)
+            .iter()
+            .map(|d| vec!["--device".to_string(), d.to_string()])
+            .collect(),
         // Workers on one host share its cores.
         threads: Some((rayon::current_num_threads() / cluster.workers).max(1)),
         start_timeout: Duration::from_secs(600),

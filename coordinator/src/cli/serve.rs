@@ -137,7 +137,8 @@ fn run_in(args: &ServeArgs, model_dir: &Path, served: &str, data_dir: &Path) -> 
         ));
     }
     let threads = (std::thread::available_parallelism().map_or(1, |n| n.get()) / args.workers).max(1);
-    for j in 0..args.workers {
+    let devices = super::device::worker_devices(args.engine.device, args.workers);
+    for (j, device) in devices.iter().enumerate() {
         let mut cmd = Command::new(&exe);
         cmd.args(["--threads", &threads.to_string(), "worker", "--coordinators", &controls.join(",")])
             .arg("--tls-dir")
@@ -146,7 +147,8 @@ fn run_in(args: &ServeArgs, model_dir: &Path, served: &str, data_dir: &Path) -> 
             .arg(model_dir)
             .args(["--name", &format!("worker-{j}"), "--listen", "127.0.0.1:0", "--dtype", &args.dtype.to_string()])
             .args(["--step-timeout-ms", &args.step_timeout_ms.to_string()])
-            .args(args.engine.to_args());
+            .args(args.engine.to_args())
+            .args(["--device", &device.to_string()]);
         sys::terminate_with_parent(&mut cmd);
         children.0.push((format!("worker {j}"), cmd.stdin(Stdio::null()).spawn().context("starting a worker")?));
     }

@@ -63,21 +63,12 @@ impl Gpu {
     /// Opens device `ordinal`. `kernel_cache` is where compiled cubins are kept between runs
     /// (none: compile on every start, ~1 s per source file).
     pub fn open(ordinal: usize, kernel_cache: Option<PathBuf>) -> Result<Self, DeviceError> {
-        // SAFETY: only tries to dlopen the driver library; no CUDA call is made.
-        if !unsafe { sys::is_culib_present() } {
-            return Err(DeviceError::NoDriver);
-        }
-        match result::init() {
-            Ok(()) => {}
-            // A driver without any usable GPU (or with CUDA_VISIBLE_DEVICES hiding them all).
-            Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => {
-                return Err(DeviceError::NoDevice { ordinal, count: 0 });
-            }
-            Err(e) => return Err(driver_err("initialising the CUDA driver")(e)),
-        }
-        let count = result::device::get_count().map_err(driver_err("counting CUDA devices"))?;
-        if ordinal >= count.max(0) as usize {
-            return Err(DeviceError::NoDevice { ordinal, count: count.max(0) as usize });
+        let count = Self::count().map_err(|e| match e {
+            DeviceError::NoDevice { count, .. } => DeviceError::NoDevice { ordinal, count },
+            e => e,
+        })?;
+        if ordinal >= count {
+            return Err(DeviceError::NoDevice { ordinal, count });
         }
         let ctx = CudaContext::new(ordinal).map_err(driver_err(format!("opening CUDA device {ordinal}")))?;
         let (major, minor) = ctx.compute_capability().map_err(driver_err("reading the compute capability"))?;
@@ -102,6 +93,27 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             moe_gemm_sm90: AtomicBool::new(false),
         })
+    }
+
+    /// How many CUDA devices the driver reports (at least one, else an error saying why none).
+    pub fn count() -> Result<usize, DeviceError> {
+        // SAFETY: only tries to dlopen the driver library; no CUDA call is made.
+        if !unsafe { sys::is_culib_present() } {
+            return Err(DeviceError::NoDriver);
+        }
+        match result::init() {
+            Ok(()) => {}
+            // A driver without any usable GPU (or with CUDA_VISIBLE_DEVICES hiding them all).
+            Err(DriverError(sys::CUresult::CUDA_ERROR_NO_DEVICE)) => {
+                return Err(DeviceError::NoDevice { ordinal: 0, count: 0 });
+            }
+            Err(e) => return Err(driver_err("initialising the CUDA driver")(e)),
+        }
+        let count = result::device::get_count().map_err(driver_err("counting CUDA devices"))?.max(0) as usize;
+        if count == 0 {
+            return Err(DeviceError::NoDevice { ordinal: 0, count });
+        }
+        Ok(count)
     }
 
     /// Opens the device only to describe it (what `--device cuda` checks at start-up).
