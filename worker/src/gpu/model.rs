@@ -243,8 +243,8 @@ impl GpuTextModel {
     fn join_exchanges(&self, ep: &mut EpRunner) -> Result<(), GpuError> {
         for (li, layer) in self.layers.iter().enumerate() {
             if let GpuFfn::Moe(m) = &layer.ffn {
-                let empty = self.gpu.zeros::<f32>(1)?;
-                let mut out = self.gpu.zeros::<f32>(1)?;
+                // Zero tokens: `forward` touches neither buffer, it only joins the exchange.
+                let (empty, mut out) = (scratch(&self.gpu, 0)?, scratch(&self.gpu, 0)?);
                 m.forward(&self.gpu, &empty, 0, &mut out, Some((li, &mut *ep)))?;
             }
         }

@@ -131,6 +131,13 @@ impl GpuMoe {
         out: &mut CudaSlice<f32>,
         ep: Option<(usize, &mut EpRunner)>,
     ) -> Result<(), GpuError> {
+        if tokens == 0 {
+            // Nothing of ours to run, but the group's exchange still needs this worker.
+            if let Some((layer, runner)) = ep {
+                runner.exchange(layer, &GpuShard { gpu, moe: self }, &[], &Routing::empty(self.experts))?;
+            }
+            return Ok(());
+        }
         let mut logits = scratch(gpu, tokens * self.experts)?; // [tokens, experts], written by linear
         linear::linear(gpu, a, tokens, &self.router, &mut logits)?;
         let mut host_logits = gpu.download(&logits)?;
