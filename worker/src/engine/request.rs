@@ -84,7 +84,10 @@ pub enum Rejection {
     ShuttingDown,
     #[error("this worker is not serving (its group is forming or re-forming)")]
     NotServing,
-    #[error("the request has images but this model has no vision tower")]
+    #[error(
+        "the request has images but this engine runs no vision tower (the model has none, or the engine runs on a GPU, \
+         which serves text prompts only for now)"
+    )]
     NoVision,
     #[error("the images give {features} feature rows but the prompt has {patches} <|patch|> tokens")]
     ImageTokens { patches: usize, features: usize },
