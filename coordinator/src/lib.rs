@@ -8,7 +8,8 @@
 //!   [`raft_quic`]: its transport between coordinators (QUIC, mutual TLS).
 //! - [`control_server`]: worker control channels (registration, heartbeats, assignments,
 //!   requests, token events); [`scheduler`]: picks a worker per request, retries before the
-//!   first token; [`leader`]: worker verdicts and placement epochs, on the leader only.
+//!   first token; [`leader`]: worker verdicts and placement epochs, on the leader only;
+//!   [`data_plane`]: NCCL or TCP for each epoch's group.
 //! - [`api`]: the OpenAI-compatible HTTP API; [`admin`]: the operators' status API.
 //! - [`local_cluster`], [`backend`]: worker processes on this host over stdio, for
 //!   `herd generate/eval/bench --workers N`.
@@ -22,6 +23,7 @@ pub mod api;
 pub mod backend;
 pub mod cluster;
 pub mod control_server;
+pub mod data_plane;
 pub mod leader;
 pub mod local_cluster;
 pub mod raft;

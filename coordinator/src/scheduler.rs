@@ -12,6 +12,7 @@
 
 use crate::api::service::{EventSender, EventStream, Health, InferenceService, Load, ServiceError};
 use crate::cluster::{ClusterState, Verdict, WorkerId};
+use crate::data_plane::DataPlanePolicy;
 use herd_worker::control::{Assignment, NcclId, ToWorker, WorkerStatus, make_request_id};
 use herd_worker::engine::request::{Event, Rejection, Request, RequestId};
 use herd_worker::engine::sampler::SamplingParams;
@@ -85,6 +86,7 @@ pub struct WorkerView {
 pub struct Scheduler {
     coordinator: u64,
     step_timeout_ms: u64,
+    data_plane: DataPlanePolicy,
     inner: Mutex<Inner>,
 }
 
@@ -95,8 +97,8 @@ impl std::fmt::Debug for Scheduler {
 }
 
 impl Scheduler {
-    pub fn new(coordinator: u64, step_timeout_ms: u64) -> Arc<Self> {
-        Arc::new(Self { coordinator, step_timeout_ms, inner: Mutex::new(Inner::default()) })
+    pub fn new(coordinator: u64, step_timeout_ms: u64, data_plane: DataPlanePolicy) -> Arc<Self> {
+        Arc::new(Self { coordinator, step_timeout_ms, data_plane, inner: Mutex::new(Inner::default()) })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -115,7 +117,10 @@ impl Scheduler {
         };
         if let Some(p) = &state.placement {
             view.members = p.members.clone();
-            let addrs: Vec<_> = p.members.iter().filter_map(|m| state.workers.get(m).map(|w| w.data_addr)).collect();
+            let records: Vec<_> = p.members.iter().filter_map(|m| state.workers.get(m)).collect();
+            let addrs: Vec<_> = records.iter().map(|w| w.data_addr).collect();
+            // Every coordinator sees the same records, so all of them pick the same plane.
+            let data_plane = self.data_plane.choose(records.iter().map(|w| (w.data_addr, w.device.as_str())));
             if addrs.len() == p.members.len() {
                 for (rank, &m) in p.members.iter().enumerate() {
                     let a = Assignment {
@@ -124,6 +129,7 @@ impl Scheduler {
                         members: addrs.clone(),
                         placement: p.placement.clone(),
                         step_timeout_ms: self.step_timeout_ms,
+                        data_plane,
                     };
                     view.assignments.insert(m, a);
                 }
@@ -499,9 +505,42 @@ mod tests {
             .collect()
     }
 
+    fn data_planes(rx: &mut mpsc::UnboundedReceiver<ToWorker>) -> Vec<herd_worker::control::DataPlane> {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|m| match m {
+                ToWorker::Assign(a) => Some(a.data_plane),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_member_of_an_epoch_gets_the_policys_data_plane() {
+        use herd_worker::control::DataPlane;
+        let mut gpus = state(2, &[1, 2]);
+        for (id, w) in gpus.workers.iter_mut() {
+            w.device = format!("cuda:{id} (NVIDIA H100 80GB HBM3)");
+        }
+        for (policy, devices, want) in [
+            (DataPlanePolicy::Auto, gpus.clone(), DataPlane::Nccl),
+            (DataPlanePolicy::Tcp, gpus, DataPlane::Tcp),
+            // state() puts every worker on the one GPU of 127.0.0.1.
+            (DataPlanePolicy::Auto, state(2, &[1, 2]), DataPlane::Tcp),
+        ] {
+            let sched = Scheduler::new(1, 1000, policy);
+            sched.set_state(&devices);
+            let (tx1, mut rx1) = mpsc::unbounded_channel();
+            let (tx2, mut rx2) = mpsc::unbounded_channel();
+            sched.attach(1, tx1);
+            sched.attach(2, tx2);
+            assert_eq!(data_planes(&mut rx1), vec![want], "{policy:?}");
+            assert_eq!(data_planes(&mut rx2), vec![want], "{policy:?}");
+        }
+    }
+
     #[test]
     fn rank_zeros_nccl_id_reaches_the_other_members_once_including_late_ones() {
-        let sched = Scheduler::new(1, 1000);
+        let sched = Scheduler::new(1, 1000, DataPlanePolicy::Auto);
         sched.set_state(&state(5, &[2, 1, 3]));
         let (tx1, mut rx1) = mpsc::unbounded_channel();
         let (tx2, mut rx2) = mpsc::unbounded_channel();

@@ -11,7 +11,7 @@ use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 
 /// Bumped when a message changes shape; both ends must agree.
-pub const CONTROL_VERSION: u32 = 1;
+pub const CONTROL_VERSION: u32 = 2;
 
 /// Largest control line accepted (a prompt of a million tokens fits easily).
 pub const MAX_LINE_BYTES: usize = 64 << 20;
@@ -242,6 +242,20 @@ pub struct Assignment {
     pub members: Vec<SocketAddr>,
     pub placement: crate::placement::Placement,
     pub step_timeout_ms: u64,
+    /// What the group's expert-parallel exchange runs on; the same for every member.
+    pub data_plane: DataPlane,
+}
+
+/// The transport of a group's expert-parallel exchange. The coordinator picks one per epoch
+/// for the whole group, since members on different transports could never meet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataPlane {
+    /// One TCP connection per peer pair, to the members' data addresses.
+    #[default]
+    Tcp,
+    /// NCCL between the members' GPUs: rank 0 creates the unique id and the coordinators
+    /// relay it ([`FromWorker::NcclId`], [`ToWorker::NcclId`]).
+    Nccl,
 }
 
 /// The coordinator id encoded in a request id (top 16 bits).

@@ -13,6 +13,7 @@ use anyhow::Context;
 use herd_coordinator::admin::{self, AdminState};
 use herd_coordinator::api::{self, ApiConfig, ApiState};
 use herd_coordinator::cluster::{ClusterCommand, CoordinatorInfo, ModelSpec, Outcome};
+use herd_coordinator::data_plane::DataPlanePolicy;
 use herd_coordinator::leader::{self, LeaderConfig};
 use herd_coordinator::raft::{RaftConfig, RaftNode};
 use herd_coordinator::raft_quic::{self, QuicRaftTransport};
@@ -79,6 +80,10 @@ pub struct CoordinatorArgs {
     /// Deadline of each data-plane collective between workers.
     #[arg(long, default_value_t = 60_000)]
     step_timeout_ms: u64,
+    /// The groups' data plane: `auto` runs NCCL when every member drives a GPU of its own
+    /// (TCP otherwise); `tcp` always uses TCP. Every coordinator must be given the same.
+    #[arg(long, value_enum, default_value_t = DataPlanePolicy::Auto)]
+    data_plane: DataPlanePolicy,
     /// A worker silent this long is suspect (gets no new requests).
     #[arg(long, default_value_t = 1500)]
     suspect_after_ms: u64,
@@ -157,7 +162,7 @@ async fn serve(
 
     // Scheduler and Raft peer addresses, fed with every applied state (a coordinator added
     // later becomes reachable once its address is in the log).
-    let scheduler = Scheduler::new(me, args.step_timeout_ms);
+    let scheduler = Scheduler::new(me, args.step_timeout_ms, args.data_plane);
     {
         let (raft, scheduler) = (raft.clone(), Arc::clone(&scheduler));
         let on_state = move |state: &herd_coordinator::cluster::ClusterState| {

@@ -8,6 +8,7 @@ use super::engine_flags::EngineFlags;
 use super::image_flags::ImageFlags;
 use super::{http, model_arg, sys};
 use anyhow::{Context, bail};
+use herd_coordinator::data_plane::DataPlanePolicy;
 use herd_worker::model::weights::ComputeDtype;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -52,6 +53,9 @@ pub struct ServeArgs {
     /// Deadline of each data-plane collective between workers.
     #[arg(long, default_value_t = 60_000)]
     step_timeout_ms: u64,
+    /// The workers' data plane: `auto` (NCCL when each worker has a GPU of its own) or `tcp`.
+    #[arg(long, value_enum, default_value_t = DataPlanePolicy::Auto)]
+    data_plane: DataPlanePolicy,
     /// Directory where presets are synthesised (default ~/.cache/herd).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
@@ -120,6 +124,7 @@ fn run_in(args: &ServeArgs, model_dir: &Path, served: &str, data_dir: &Path) -> 
             .arg(model_dir)
             .args(["--served-model-name", served, "--min-workers", &args.workers.to_string()])
             .args(["--step-timeout-ms", &args.step_timeout_ms.to_string()])
+            .args(["--data-plane", args.data_plane.as_arg()])
             .arg("--tls-dir")
             .arg(&tls)
             .args(["--max-body-bytes", &args.max_body_bytes.to_string()])

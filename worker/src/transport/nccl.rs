@@ -30,10 +30,11 @@
 //! How the id travels: rank 0 sends [`FromWorker::NcclId`](crate::control::FromWorker::NcclId)
 //! and the coordinator relays it to the other members of that epoch as
 //! [`ToWorker::NcclId`](crate::control::ToWorker::NcclId) (coordinator `Scheduler::relay_nccl_id`).
-//! Not wired into the agent yet: the GPU engine's expert-parallel exchange
-//! ([`EpRunner::exchange`](crate::ep::EpRunner::exchange)) works on host rows, which this
-//! transport would only stage back through the device, so the agent keeps TCP until the exchange
-//! runs on device buffers.
+//! The agent (`crate::agent`) forms a group over this transport when the coordinators'
+//! assignment names [`DataPlane::Nccl`](crate::control::DataPlane). The expert-parallel exchange
+//! ([`EpRunner::exchange`](crate::ep::EpRunner::exchange)) still hands it host rows, which it
+//! stages through the device; sending straight from the GPU engine's dispatch buffers is the
+//! next step.
 
 mod comm;
 
