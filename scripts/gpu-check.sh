@@ -21,7 +21,10 @@
 #  5. timings: the grouped FP8 GEMM at Maverick shapes vs the per-expert torch._scaled_mm loop and
 #     the card's dense FP8 peak; the dense linear layers at Maverick shapes; the two-layer Maverick
 #     slice's decode step at batch 1/16/64/256 against its weight-read floor;
-#  6. one summary table.
+#  6. one summary table (each row also written to summary.txt as it is decided).
+#
+# Run here, without a GPU, it goes through every step in under a minute and reports each as FAIL
+# or SKIPPED with the missing driver's one-line error: a check of the script itself.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=target/gpu-bundle
@@ -53,10 +56,13 @@ fi
 
 logs=${OUT:-gpu-check-logs}
 mkdir -p "$logs"
+: >"$logs/summary.txt"
 started=$(date +%s)
 fail=0
 declare -a rows
-row() { rows+=("$(printf '%-52s %s' "$1" "$2")"); }
+# Each row also lands in $logs/summary.txt at once: a run cut off at the device call's time
+# limit still brings back what it had checked.
+row() { rows+=("$(printf '%-52s %s' "$1" "$2")"); printf '%s\n' "${rows[-1]}" >>"$logs/summary.txt"; }
 
 # NVRTC and NCCL come from pip wheels (PyTorch's dependencies; CUDA 12 wheels keep them in
 # nvidia/<lib>/lib, CUDA 13 wheels in nvidia/cu13/lib) or from the toolkit. cudarc dlopens them by
@@ -123,6 +129,9 @@ done
 # Expert parallelism end to end: two worker processes on this GPU (TCP data plane between them)
 # against one engine; greedy, so the texts must match. FP8 experts take the grouped-GEMM path.
 mm=$cache/synth/maverick-mini-seed0
+# The bench above synthesises it on first use; if the bench failed before that, make it here.
+[ -d "$mm" ] || timeout 180 "$bundle/herd" synth --preset maverick-mini --out "$mm" >"$logs/synth.log" 2>&1 \
+  || { row "synth maverick-mini" "FAIL: $(tail -1 "$logs/synth.log")"; fail=1; }
 timeout 180 "$bundle/herd" quantize --format fp8 --in "$mm" --out "$cache/maverick-mini-fp8" \
   >"$logs/quantize_fp8.log" 2>&1 || { row "quantize maverick-mini to FP8" "FAIL: $(tail -1 "$logs/quantize_fp8.log")"; fail=1; }
 for m in "$mm" "$cache/maverick-mini-fp8"; do
@@ -130,13 +139,16 @@ for m in "$mm" "$cache/maverick-mini-fp8"; do
   tag=$(basename "$m")
   gen=(generate --model "$m" --prompt "Experts across workers" --max-tokens 24 --temperature 0 --ignore-eos \
     --device cuda --kv-cache-bytes 1G)
-  if timeout 180 "$bundle/herd" "${gen[@]}" >"$logs/ep_${tag}_1.txt" 2>"$logs/ep_${tag}_1.log" \
-    && timeout 240 "$bundle/herd" "${gen[@]}" --workers 2 >"$logs/ep_${tag}_2.txt" 2>"$logs/ep_${tag}_2.log"; then
-    # The last stdout line is the run's statistics ("[herd] ... | 2 workers | ..."): not compared.
-    if cmp -s <(grep -v '^\[herd\] ' "$logs/ep_${tag}_1.txt") <(grep -v '^\[herd\] ' "$logs/ep_${tag}_2.txt"); then row "generate --workers 2 --device cuda ($tag)" "ok (same text)"
-    else row "generate --workers 2 --device cuda ($tag)" "FAIL: texts differ"; fail=1; fi
+  name="generate --workers 2 --device cuda ($tag)"
+  if ! timeout 180 "$bundle/herd" "${gen[@]}" >"$logs/ep_${tag}_1.txt" 2>"$logs/ep_${tag}_1.log"; then
+    row "$name" "FAIL (one engine): $(tail -n 1 "$logs/ep_${tag}_1.log")"; fail=1
+  elif ! timeout 240 "$bundle/herd" "${gen[@]}" --workers 2 >"$logs/ep_${tag}_2.txt" 2>"$logs/ep_${tag}_2.log"; then
+    row "$name" "FAIL (2 workers): $(tail -n 1 "$logs/ep_${tag}_2.log")"; fail=1
+  # The last stdout line is the run's statistics ("[herd] ... | 2 workers | ..."): not compared.
+  elif cmp -s <(grep -v '^\[herd\] ' "$logs/ep_${tag}_1.txt") <(grep -v '^\[herd\] ' "$logs/ep_${tag}_2.txt"); then
+    row "$name" "ok (same text)"
   else
-    row "generate --workers 2 --device cuda ($tag)" "FAIL: $(tail -1 "$logs/ep_${tag}_2.log" "$logs/ep_${tag}_1.log" | tr '\n' ' ')"; fail=1
+    row "$name" "FAIL: texts differ"; fail=1
   fi
 done
 

@@ -166,6 +166,17 @@ fn synth_refuses_a_non_empty_directory_without_force() {
 }
 
 #[test]
+fn quantize_names_a_missing_input_directory() {
+    let out = tempfile::tempdir().expect("tmp");
+    let missing = out.path().join("no-such-checkpoint");
+    let target = out.path().join("fp8");
+    let args = ["quantize", "--format", "fp8", "--in", missing.to_str().expect("utf8")];
+    let err = expect_clean_error(&herd(&[&args[..], &["--out", target.to_str().expect("utf8")]].concat()));
+    assert!(err.contains("--in") && err.contains("no-such-checkpoint"), "{err}");
+    assert!(!err.contains("different directories"), "{err}");
+}
+
+#[test]
 fn device_cuda_without_a_usable_gpu_is_a_one_line_error_on_every_model_command() {
     // This runs where CI runs: no GPU. A build without the feature must say so; a `cuda` build
     // must name what is missing (driver library or device) instead of panicking in cudarc.

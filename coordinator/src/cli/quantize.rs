@@ -70,7 +70,9 @@ pub fn run(args: QuantizeArgs) -> anyhow::Result<()> {
     if !args.force && std::fs::read_dir(&args.out).is_ok_and(|mut d| d.next().is_some()) {
         bail!("{} is not empty; pass --force to write into it anyway", args.out.display());
     }
-    if args.input.canonicalize().ok() == args.out.canonicalize().ok() {
+    // A missing --in must say so, not compare equal to a missing --out.
+    let input = args.input.canonicalize().with_context(|| format!("--in {}", args.input.display()))?;
+    if args.out.canonicalize().is_ok_and(|out| out == input) {
         bail!("--in and --out must be different directories");
     }
     let started = Instant::now();
