@@ -2,7 +2,7 @@
 //! `herd admin status`, and coordinator membership changes. Reads go through Raft's ReadIndex,
 //! so what it shows is never older than the latest committed change.
 //!
-//! - `GET /admin/status`: leader, members, workers, placement epoch.
+//! - `GET /admin/status`: leader, members, workers, placement epoch and its data plane.
 //! - `GET /admin/self`: this coordinator's addresses (what `add-coordinator` needs).
 //! - `POST /admin/coordinators` with a [`CoordinatorInfo`]: record its addresses in the log
 //!   (so every member can reach it), then add it as a voter (one single-server conf change).
@@ -151,6 +151,7 @@ async fn status(State(s): State<AdminState>, headers: HeaderMap) -> Response {
         "placement": state.placement.as_ref().map(|p| json!({
             "members": p.members,
             "experts_per_worker": p.placement.experts_per_rank(),
+            "data_plane": s.scheduler.data_plane(),
             "reason": p.reason,
         })),
         "model": state.model.as_ref().map(|m| &m.name),

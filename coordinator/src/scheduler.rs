@@ -13,7 +13,7 @@
 use crate::api::service::{EventSender, EventStream, Health, InferenceService, Load, ServiceError};
 use crate::cluster::{ClusterState, Verdict, WorkerId};
 use crate::data_plane::DataPlanePolicy;
-use herd_worker::control::{Assignment, NcclId, ToWorker, WorkerStatus, make_request_id};
+use herd_worker::control::{Assignment, DataPlane, NcclId, ToWorker, WorkerStatus, make_request_id};
 use herd_worker::engine::request::{Event, Rejection, Request, RequestId};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::vision::PixelValues;
@@ -37,6 +37,8 @@ struct View {
     live: HashSet<WorkerId>,
     /// Assignment of each member for the current epoch.
     assignments: HashMap<WorkerId, Assignment>,
+    /// The current epoch's data plane, once its members' records are known.
+    data_plane: Option<DataPlane>,
     names: HashMap<WorkerId, String>,
 }
 
@@ -122,6 +124,7 @@ impl Scheduler {
             // Every coordinator sees the same records, so all of them pick the same plane.
             let data_plane = self.data_plane.choose(records.iter().map(|w| (w.data_addr, w.device.as_str())));
             if addrs.len() == p.members.len() {
+                view.data_plane = Some(data_plane);
                 for (rank, &m) in p.members.iter().enumerate() {
                     let a = Assignment {
                         epoch: p.epoch,
@@ -257,6 +260,11 @@ impl Scheduler {
         if let Some(route) = inner.routes.remove(&id) {
             send(&inner, route.worker, ToWorker::Cancel { id });
         }
+    }
+
+    /// The current epoch's data plane (admin status); `None` before a group can form.
+    pub fn data_plane(&self) -> Option<DataPlane> {
+        self.lock().view.data_plane
     }
 
     /// Every worker with a record or a session, for liveness checks and status.
@@ -516,7 +524,6 @@ mod tests {
 
     #[test]
     fn every_member_of_an_epoch_gets_the_policys_data_plane() {
-        use herd_worker::control::DataPlane;
         let mut gpus = state(2, &[1, 2]);
         for (id, w) in gpus.workers.iter_mut() {
             w.device = format!("cuda:{id} (NVIDIA H100 80GB HBM3)");
@@ -529,6 +536,7 @@ mod tests {
         ] {
             let sched = Scheduler::new(1, 1000, policy);
             sched.set_state(&devices);
+            assert_eq!(sched.data_plane(), Some(want));
             let (tx1, mut rx1) = mpsc::unbounded_channel();
             let (tx2, mut rx2) = mpsc::unbounded_channel();
             sched.attach(1, tx1);

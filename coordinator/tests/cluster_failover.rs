@@ -277,6 +277,9 @@ fn leader_and_worker_failures_keep_the_cluster_serving_identical_tokens() {
     let reference = local.rsplit_once("\n[herd]").map(|(t, _)| t.to_owned()).expect("generated text");
     let first = chat(cluster.coordinators[0].api, 24).expect("chat through the cluster");
     assert_eq!(first, reference, "cluster output differs from herd generate");
+    // CPU workers: the coordinators chose TCP for the group (NCCL needs a GPU per member).
+    let status = cluster.status(0).expect("admin status");
+    assert_eq!(status["placement"]["data_plane"], "tcp", "{status}");
 
     // 2. Kill the leader under a stream of requests to a follower.
     let leader = wait_for("a leader", Duration::from_secs(10), || cluster.status(0).and_then(|s| leader_of(&s)));

@@ -249,6 +249,7 @@ pub struct Assignment {
 /// The transport of a group's expert-parallel exchange. The coordinator picks one per epoch
 /// for the whole group, since members on different transports could never meet.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DataPlane {
     /// One TCP connection per peer pair, to the members' data addresses.
     #[default]

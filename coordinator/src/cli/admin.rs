@@ -100,10 +100,11 @@ fn call(method: &str, url: &str, key: Option<&str>, body: Option<&str>) -> anyho
 
 fn print_table(v: &Value) {
     println!(
-        "leader {}  term {}  placement epoch {}  model {}",
+        "leader {}  term {}  placement epoch {} (data plane {})  model {}",
         v["leader"],
         v["term"],
         v["placement_epoch"],
+        v["placement"]["data_plane"].as_str().unwrap_or("-"),
         v["model"].as_str().unwrap_or("-")
     );
     println!("coordinators:");
