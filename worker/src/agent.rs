@@ -148,7 +148,7 @@ pub async fn run(config: AgentConfig, mut inbox: mpsc::UnboundedReceiver<Inbox>)
                                     tokio::spawn(leave(g, a.epoch));
                                 }
                                 latest = Some(a.clone());
-                                let early = early_nccl_id.take().filter(|&(epoch, _)| epoch == a.epoch).map(|(_, id)| id);
+                                let early = take_early_id(&mut early_nccl_id, a.epoch);
                                 group = Some(start_group(Arc::clone(&config), a, early, note_tx.clone()));
                             }
                         }
@@ -243,6 +243,14 @@ fn route(links: &BTreeMap<usize, (Option<u64>, mpsc::UnboundedSender<FromWorker>
     if let Some((_, tx)) = links.values().find(|(c, _)| *c == Some(owner)) {
         let _ = tx.send(msg);
     }
+}
+
+/// The kept NCCL id if it is `epoch`'s; an id of a still newer epoch stays for that epoch's
+/// assignment, an older one is dropped.
+fn take_early_id(early: &mut Option<(u64, NcclId)>, epoch: u64) -> Option<NcclId> {
+    let id = early.filter(|&(e, _)| e == epoch).map(|(_, id)| id);
+    *early = early.filter(|&(e, _)| e > epoch);
+    id
 }
 
 /// Tell the group to leave and wait for its thread (off the async runtime).
@@ -390,6 +398,19 @@ mod tests {
     use super::*;
     use crate::control::CONTROL_VERSION;
     use crate::placement::{MoeShape, Placement};
+
+    #[test]
+    fn an_early_nccl_id_waits_for_its_own_epoch() {
+        let id = NcclId([3; crate::control::NCCL_ID_BYTES]);
+        let mut early = Some((7, id));
+        assert_eq!(take_early_id(&mut early, 6), None, "an older assignment does not take it");
+        assert_eq!(early, Some((7, id)), "and it stays for epoch 7");
+        assert_eq!(take_early_id(&mut early, 7), Some(id));
+        assert_eq!(early, None);
+        let mut stale = Some((5, id));
+        assert_eq!(take_early_id(&mut stale, 6), None);
+        assert_eq!(stale, None, "an id older than the assignment is dropped");
+    }
 
     // A CPU worker told to run NCCL must fail that group with an error that says why and how
     // to get TCP instead (reported to the coordinators), not hang waiting for an id or a GPU.
