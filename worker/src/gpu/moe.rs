@@ -113,12 +113,6 @@ impl HostRouting {
     }
 }
 
-/// Top-k by raw logit, sigmoid scores: the CPU `MoeBlock::route_logits`, in packed order.
-pub fn route(logits: &[f32], experts: usize, top_k: usize) -> HostRouting {
-    let tokens = logits.len() / experts;
-    HostRouting::new(&Routing::from_logits(logits, experts, top_k), tokens, top_k)
-}
-
 impl GpuMoe {
     /// `a`: `[tokens, hidden]` → `out`: `[tokens, hidden]` = shared + routed (fully written).
     /// With `ep` (this layer's index and the group's runner) the routed experts run wherever
@@ -293,7 +287,7 @@ mod tests {
     fn routes_are_packed_by_expert_then_token_with_each_slot_found() {
         // 3 tokens, 4 experts, top-2.
         let logits = [0.0, 3.0, 1.0, -1.0, 2.0, 0.5, -2.0, 4.0, 1.0, 0.0, 5.0, 0.2];
-        let r = route(&logits, 4, 2);
+        let r = HostRouting::new(&Routing::from_logits(&logits, 4, 2), 3, 2);
         // token 0 → experts 1, 2; token 1 → 3, 0; token 2 → 2, 0.
         assert_eq!(r.counts, vec![2, 1, 2, 1]);
         assert_eq!(r.token, vec![1, 2, 0, 0, 2, 1]);
