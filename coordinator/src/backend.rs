@@ -41,7 +41,10 @@ impl Backend for LocalBackend {
     fn submit(&mut self, req: Request) -> anyhow::Result<()> {
         let id = req.id;
         if let Err(reason) = self.engine.submit(req) {
-            self.pending.push(Event::Aborted { id, error: format!("rejected: {reason}") });
+            self.pending.push(Event::Aborted {
+                id,
+                reason: herd_worker::engine::request::AbortReason::engine(format!("rejected: {reason}")),
+            });
         }
         Ok(())
     }
@@ -103,9 +106,10 @@ impl Backend for ClusterBackend {
         let (rank, msg) = self.cluster()?.recv(timeout).context("no event from any worker within the timeout")?;
         let event = match msg {
             WorkerMsg::Report(Report::Event(e)) => e,
-            WorkerMsg::Report(Report::Rejected { id, reason }) => {
-                Event::Aborted { id, error: format!("rejected: {reason}") }
-            }
+            WorkerMsg::Report(Report::Rejected { id, reason }) => Event::Aborted {
+                id,
+                reason: herd_worker::engine::request::AbortReason::engine(format!("rejected: {reason}")),
+            },
             WorkerMsg::Report(Report::Fatal { error }) => bail!("worker {rank} failed: {error}"),
             WorkerMsg::Report(_) => return Ok(Vec::new()),
             WorkerMsg::Closed => bail!("worker {rank} exited unexpectedly"),

@@ -14,7 +14,7 @@ use crate::api::service::{EventSender, EventStream, Health, InferenceService, Lo
 use crate::cluster::{ClusterState, Verdict, WorkerId};
 use crate::data_plane::DataPlanePolicy;
 use herd_worker::control::{Assignment, DataPlane, NcclId, ToWorker, WorkerStatus, make_request_id};
-use herd_worker::engine::request::{Event, Rejection, Request, RequestId};
+use herd_worker::engine::request::{AbortReason, Event, Rejection, Request, RequestId};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::vision::PixelValues;
 use std::collections::{HashMap, HashSet};
@@ -147,7 +147,8 @@ impl Scheduler {
             inner.routes.iter().filter(|(_, r)| dead.contains(&r.worker)).map(|(&id, r)| (id, r.worker)).collect();
         for (id, worker) in stranded {
             let name = inner.view.names.get(&worker).cloned().unwrap_or_else(|| worker.to_string());
-            fail_or_retry(&mut inner, id, format!("worker {name} stopped responding and was declared dead"));
+            let why = "stopped responding and was declared dead".to_string();
+            fail_or_retry(&mut inner, id, AbortReason::WorkerLost { worker: name, why });
         }
         push_assignments(&mut inner);
     }
@@ -173,7 +174,8 @@ impl Scheduler {
             let ids: Vec<RequestId> =
                 inner.routes.iter().filter(|(_, r)| r.worker == worker).map(|(&id, _)| id).collect();
             for id in ids {
-                fail_or_retry(&mut inner, id, format!("worker {worker} disconnected"));
+                let lost = AbortReason::WorkerLost { worker: worker.to_string(), why: "disconnected".into() };
+                fail_or_retry(&mut inner, id, lost);
             }
         }
     }
@@ -217,14 +219,14 @@ impl Scheduler {
         let id = event.id();
         let retry = match inner.routes.get(&id) {
             None => return,
-            Some(r) => !r.got_token && r.retries < MAX_RETRIES && herd_worker::agent::is_retryable(&event),
+            Some(r) => {
+                !r.got_token
+                    && r.retries < MAX_RETRIES
+                    && matches!(&event, Event::Aborted { reason, .. } if reason.is_retryable())
+            }
         };
-        if retry {
-            let error = match &event {
-                Event::Aborted { error, .. } => error.clone(),
-                _ => String::new(),
-            };
-            fail_or_retry(&mut inner, id, error);
+        if retry && let Event::Aborted { reason, .. } = event {
+            fail_or_retry(&mut inner, id, reason);
             return;
         }
         let Some(route) = inner.routes.get_mut(&id) else { return };
@@ -246,7 +248,7 @@ impl Scheduler {
     pub fn on_rejected(&self, id: RequestId, reason: Rejection) {
         let mut inner = self.lock();
         if matches!(reason, Rejection::NotServing | Rejection::ShuttingDown) {
-            fail_or_retry(&mut inner, id, reason.to_string());
+            fail_or_retry(&mut inner, id, AbortReason::engine(reason.to_string()));
             return;
         }
         if let Some(route) = inner.routes.remove(&id) {
@@ -380,7 +382,7 @@ fn pick(inner: &Inner, exclude: Option<WorkerId>) -> Result<WorkerId, ServiceErr
 
 /// Re-send request `id` to another worker if it has produced nothing yet and has retries
 /// left; otherwise end it with `error`.
-fn fail_or_retry(inner: &mut Inner, id: RequestId, error: String) {
+fn fail_or_retry(inner: &mut Inner, id: RequestId, reason: AbortReason) {
     let Some(route) = inner.routes.get(&id) else { return };
     if !route.got_token && route.retries < MAX_RETRIES {
         let failed = route.worker;
@@ -388,7 +390,7 @@ fn fail_or_retry(inner: &mut Inner, id: RequestId, error: String) {
             let request = route.request.clone();
             send(inner, worker, ToWorker::Submit(request));
             if let Some(r) = inner.routes.get_mut(&id) {
-                tracing::info!(id, from = failed, to = worker, "retrying request on another worker: {error}");
+                tracing::info!(id, from = failed, to = worker, "retrying request on another worker: {reason}");
                 r.worker = worker;
                 r.retries += 1;
             }
@@ -396,12 +398,13 @@ fn fail_or_retry(inner: &mut Inner, id: RequestId, error: String) {
         }
     }
     if let Some(route) = inner.routes.remove(&id) {
-        let error = if route.got_token {
-            format!("the worker serving this request failed after it started streaming: {error}")
+        // Final here: the reason keeps its words, with what it means for this request.
+        let message = if route.got_token {
+            format!("the worker serving this request failed after it started streaming: {reason}")
         } else {
-            format!("no worker could run this request: {error}")
+            format!("no worker could run this request: {reason}")
         };
-        route.events.send(Event::Aborted { id, error });
+        route.events.send(Event::Aborted { id, reason: AbortReason::engine(message) });
     }
 }
 

@@ -8,7 +8,7 @@ use api_support::*;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
 use herd_coordinator::api::{InferenceService, ServiceError};
-use herd_worker::engine::request::{Event, Rejection};
+use herd_worker::engine::request::{AbortReason, Event, Rejection};
 use herd_worker::engine::stop::StopReason;
 use serde_json::{Value, json};
 
@@ -554,7 +554,7 @@ async fn a_worker_failure_mid_request_is_an_error_not_a_hang() {
         scripted_stream(vec![
             token("Hel"),
             token("lo"),
-            Event::Aborted { id: 0, error: "worker 1 lost its peer".into() },
+            Event::Aborted { id: 0, reason: AbortReason::engine("worker 1 lost its peer") },
         ])
     };
     // Streaming: the text so far, then an error event in the envelope, then [DONE].

@@ -137,7 +137,8 @@ fn killing_a_worker_mid_generation_fails_the_others_within_the_deadline() {
             panic!("survivors did not exit: aborted {aborted:?}, fatal {fatal:?}, closed {closed:?}");
         };
         match msg {
-            WorkerMsg::Report(Report::Event(Event::Aborted { error, .. })) => {
+            WorkerMsg::Report(Report::Event(Event::Aborted { reason, .. })) => {
+                let error = reason.to_string();
                 assert!(error.contains("rank 1") || error.contains("lost") || error.contains("deadline"), "{error}");
                 aborted[rank] = true;
             }

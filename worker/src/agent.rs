@@ -390,7 +390,7 @@ fn nccl_refusal(epoch: u64, why: &str) -> String {
 /// Events that end a request with an error when its worker's group disappears before any
 /// token: the coordinator may retry these elsewhere.
 pub fn is_retryable(event: &Event) -> bool {
-    matches!(event, Event::Aborted { error, .. } if error.contains("epoch") || error.contains("lost rank") || error.contains("deadline"))
+    matches!(event, Event::Aborted { reason, .. } if reason.is_retryable())
 }
 
 #[cfg(test)]

@@ -1,17 +1,17 @@
-//! Expert parallelism: the MoE runner that sends each routed token to a worker holding its
-//! expert and brings the result back, over two `all_to_all_v` collectives per MoE layer.
+//! Expert parallelism: the [`ExpertExchange`] that sends each routed token to a worker holding
+//! its expert and brings the result back, over two `all_to_all_v` collectives per MoE layer.
 //!
 //! ```text
 //! route (local) → pick a replica per route (Placement::pick) → pack [expert, score, x] records
 //!   → all_to_all_v #1 → group received records by expert → run local experts (ExpertShard)
 //!   → all_to_all_v #2 (results in received order) → each route's row in route order
-//!   → combine (CPU: in route order here; GPU: on the device, as its local combine)
+//!   → the model's combine (CPU: `MoeBlock::forward` in route order; GPU: on the device)
 //! ```
 //! The combine adds each token's expert outputs in (expert, token) order — the order the
 //! local runner uses — and every expert computes each row independently of its batch, so a
 //! distributed run reproduces a single-process run bit for bit under any placement.
 
-use crate::model::moe::{ExpertError, ExpertRunner, ExpertShard, MoeBlock, Routing, accumulate};
+use crate::model::moe::{ExchangeError, ExpertError, ExpertExchange, ExpertShard, Routing};
 use crate::placement::Placement;
 use crate::transport::{Transport, TransportError};
 use std::collections::BTreeMap;
@@ -25,8 +25,8 @@ pub enum DispatchError {
     Ragged { layer: usize, peer: usize, len: usize, record: usize },
     #[error("layer {layer}: rank {peer} sent a token for expert {expert}, which this worker does not hold")]
     NotLocal { layer: usize, peer: usize, expert: usize },
-    #[error("layer {layer}: running the local experts: {message}")]
-    Experts { layer: usize, message: String },
+    #[error("layer {layer}: running the local experts: {source}")]
+    Experts { layer: usize, source: ExpertError },
     #[error("layer {layer}: rank {peer} returned {got} result rows for {sent} dispatched tokens")]
     ResultCount { layer: usize, peer: usize, got: usize, sent: usize },
 }
@@ -54,7 +54,7 @@ struct Received<'a> {
     x: &'a [u8],
 }
 
-/// The expert-parallel [`ExpertRunner`] of one worker.
+/// The [`ExpertExchange`] of one worker of an expert-parallel group.
 #[derive(Debug)]
 pub struct EpRunner {
     transport: Box<dyn Transport>,
@@ -90,8 +90,9 @@ impl EpRunner {
     /// Ships each route of `routing` (this worker's tokens `x`, `[tokens, hidden]`) to a
     /// worker holding its expert, runs the rows the peers sent on `shard`, and returns each
     /// route's expert output in `routing` order: `[routes, hidden]`. Every worker of the group
-    /// calls this for every MoE layer of every step, with or without routes.
-    pub fn exchange(
+    /// calls this for every MoE layer of every step, with or without routes. (The model calls
+    /// it as [`ExpertExchange::exchange`], which classifies the error.)
+    pub fn dispatch(
         &mut self,
         layer: usize,
         shard: &dyn ExpertShard,
@@ -151,9 +152,7 @@ impl EpRunner {
         }
         let mut y = vec![0.0f32; inputs.len()]; // [received, hidden]
         if total > 0 {
-            shard
-                .run_groups(&groups, &inputs, &mut y)
-                .map_err(|e| DispatchError::Experts { layer, message: e.to_string() })?;
+            shard.run_groups(&groups, &inputs, &mut y).map_err(|source| DispatchError::Experts { layer, source })?;
         }
         let mut results: Vec<Vec<f32>> = counts.iter().map(|&n| vec![0.0f32; n * hidden]).collect();
         let traffic = self.traffic.entry(layer).or_default();
@@ -192,16 +191,33 @@ impl EpRunner {
     }
 }
 
-impl ExpertRunner for EpRunner {
-    fn run(&mut self, layer: usize, block: &MoeBlock, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError> {
-        let y = self.exchange(layer, block, x, routing).map_err(|e| Box::new(e) as ExpertError)?;
-        // The combine in route order (expert, then token), as the local runner sums.
-        let mut routed = vec![0.0f32; x.len()]; // [tokens, hidden]
-        accumulate(&mut routed, routing.routes.iter().map(|r| r.token), &y, block.hidden());
-        Ok(routed)
+impl ExpertExchange for EpRunner {
+    fn exchange(
+        &mut self,
+        layer: usize,
+        shard: &dyn ExpertShard,
+        x: &[f32],
+        routing: &Routing,
+    ) -> Result<Vec<f32>, ExchangeError> {
+        self.dispatch(layer, shard, x, routing).map_err(ExchangeError::from)
     }
+}
 
-    fn expert_parallel(&mut self) -> Option<&mut EpRunner> {
-        Some(self)
+impl From<DispatchError> for ExchangeError {
+    /// Blames the peer the data plane names: a missed deadline, or any other failure of a
+    /// peer (a lost connection, a malformed or out-of-step record).
+    fn from(e: DispatchError) -> Self {
+        let detail = e.to_string();
+        match e {
+            DispatchError::Transport(t) => match (t.root(), t.peer()) {
+                (TransportError::Timeout { peer, .. }, _) => ExchangeError::Deadline { rank: *peer, detail },
+                (_, Some(rank)) => ExchangeError::PeerFailed { rank, detail },
+                (_, None) => ExchangeError::DataPlane { detail },
+            },
+            DispatchError::Ragged { peer, .. }
+            | DispatchError::NotLocal { peer, .. }
+            | DispatchError::ResultCount { peer, .. } => ExchangeError::PeerFailed { rank: peer, detail },
+            DispatchError::Experts { layer, source } => ExchangeError::Experts { layer, source },
+        }
     }
 }

@@ -17,7 +17,7 @@
 //!   holding their experts over a [`transport`] and combines the results.
 //! - `gpu` (feature `cuda`): the text model on one CUDA device with its weights resident
 //!   there, driven by the same engine (the KV cache's data on the device, its block tables in a
-//!   blocks-only [`engine::kv_cache::KvPool`]); and a Maverick two-layer slice for benchmarks.
+//!   blocks-only [`kv_cache::KvPool`]); and a Maverick two-layer slice for benchmarks.
 //! - [`frontend`]: a checkpoint's config, tokenizer, chat template and generation defaults
 //!   (no weights), and loading the model from it.
 //! - [`placement`]: which workers hold each routed expert (a serde value the coordinator owns).
@@ -47,6 +47,7 @@ pub mod ep;
 pub mod frontend;
 #[cfg(feature = "cuda")]
 pub mod gpu;
+pub mod kv_cache;
 pub mod lockstep;
 pub mod model;
 pub mod placement;

@@ -9,9 +9,10 @@
 //! that error, on every surviving worker, within the collective deadline.
 
 use crate::control::{Command, Report};
-use crate::engine::request::Event;
+use crate::engine::request::{AbortReason, Event};
 use crate::engine::scheduler::{Engine, EngineError};
 use crate::ep::EpRunner;
+use crate::model::ModelError;
 use crate::transport::{TransportError, all_gather};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -23,6 +24,31 @@ pub enum LockstepError {
     Transport(#[from] TransportError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+}
+
+impl LockstepError {
+    /// What the failure means for the requests that were in the group: a lost or late peer
+    /// (worth retrying elsewhere), or an engine error.
+    pub fn abort_reason(&self) -> AbortReason {
+        let exchange = match self {
+            LockstepError::Transport(t) => return transport_abort(t),
+            LockstepError::Engine(EngineError::Model(ModelError::Exchange(x))) => x,
+            #[cfg(feature = "cuda")]
+            LockstepError::Engine(EngineError::Gpu(crate::gpu::GpuError::Exchange(x))) => x,
+            LockstepError::Engine(e) => return AbortReason::engine(e.to_string()),
+        };
+        AbortReason::from(exchange)
+    }
+}
+
+/// A failed collective outside the MoE layers (the per-step vote).
+fn transport_abort(t: &TransportError) -> AbortReason {
+    let detail = t.to_string();
+    match (t.root(), t.peer()) {
+        (TransportError::Timeout { peer, .. }, _) => AbortReason::Deadline { rank: *peer, detail },
+        (_, Some(rank)) => AbortReason::PeerLost { rank, detail },
+        (_, None) => AbortReason::Engine { message: detail },
+    }
 }
 
 /// Loop settings.
@@ -76,7 +102,7 @@ pub fn run(
         loop {
             match commands.try_recv() {
                 Ok(Command::Leave { reason }) => {
-                    deliver(engine.abort_all(&reason), report);
+                    deliver(engine.abort_all(&AbortReason::engine(reason)), report);
                     return Ok(stats);
                 }
                 Ok(cmd) => apply(engine, cmd, &mut leaving, report),
@@ -126,7 +152,7 @@ pub fn run(
         stats.steps += 1;
     };
     if let Err(e) = &result {
-        deliver(engine.abort_all(&e.to_string()), report);
+        deliver(engine.abort_all(&e.abort_reason()), report);
     }
     result
 }

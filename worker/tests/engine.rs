@@ -2,7 +2,7 @@
 //! what else is in the batch, on the prefill budget, or on KV-cache pressure; requests that
 //! cannot fit are rejected; cancellation frees the cache.
 
-use herd_worker::engine::request::{Event, Rejection, Request};
+use herd_worker::engine::request::{AbortReason, Event, Rejection, Request};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::engine::scheduler::{Engine, EngineConfig};
 use herd_worker::frontend::Frontend;
@@ -150,7 +150,7 @@ fn cancelling_mid_generation_aborts_and_frees_the_cache() {
     assert!(e.cancel(1));
     assert!(!e.cancel(99));
     let (events, _) = e.step().expect("step");
-    assert!(events.contains(&Event::Aborted { id: 1, error: "cancelled".into() }));
+    assert!(events.contains(&Event::Aborted { id: 1, reason: AbortReason::Cancelled }));
     assert_eq!(e.running(), 2);
     e.cancel(0);
     e.cancel(2);

@@ -67,7 +67,7 @@ fn run(engine: &mut Engine, requests: Vec<Request>) -> Vec<Outcome> {
                 Event::PromptLogits { argmax, last_logits, .. } => (out[i].0, out[i].1) = (argmax, last_logits),
                 Event::Token { token, .. } => out[i].2.push(token),
                 Event::Finished { .. } => open -= 1,
-                Event::Aborted { error, .. } => panic!("aborted: {error}"),
+                Event::Aborted { reason, .. } => panic!("aborted: {reason}"),
             }
         }
     }

@@ -72,10 +72,10 @@ impl Choice {
                     self.ended = true;
                     return Some(Update::Finished { reason, prompt_tokens, completion_tokens });
                 }
-                Event::Aborted { error, .. } => {
+                Event::Aborted { reason, .. } => {
                     self.tracker.aborted();
                     self.ended = true;
-                    return Some(Update::Failed(error));
+                    return Some(Update::Failed(reason.to_string()));
                 }
                 Event::PromptLogits { .. } => {}
             }

@@ -10,7 +10,7 @@
 //! when the client goes away, and the service must then stop the work on the engine or worker.
 
 use futures::Stream;
-use herd_worker::engine::request::{Event, Rejection, Request, RequestId};
+use herd_worker::engine::request::{AbortReason, Event, Rejection, Request, RequestId};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::engine::scheduler::Engine;
 use herd_worker::vision::PixelValues;
@@ -188,7 +188,7 @@ impl EventStream {
                 Poll::Ready(Some(Message::Refused(error))) => {
                     // A refusal after admission should not happen; report it as an abort.
                     self.done = true;
-                    return Poll::Ready(Some(Event::Aborted { id: 0, error: error.to_string() }));
+                    return Poll::Ready(Some(Event::Aborted { id: 0, reason: AbortReason::engine(error.to_string()) }));
                 }
                 Poll::Ready(None) => {
                     // The service dropped the request without a final event (e.g. it shut down).
@@ -363,7 +363,7 @@ impl EngineLoop {
                 }
             }
             if shutdown {
-                let events = self.engine.abort_all("the server is shutting down");
+                let events = self.engine.abort_all(&AbortReason::ShuttingDown { what: "the server".into() });
                 self.route(events);
                 break;
             }
@@ -382,7 +382,7 @@ impl EngineLoop {
                         let error = format!("the engine failed: {e}");
                         tracing::error!("{error}");
                         *self.shared.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.clone());
-                        let events = self.engine.abort_all(&error);
+                        let events = self.engine.abort_all(&AbortReason::engine(error));
                         self.publish();
                         self.route(events);
                         break;

@@ -199,7 +199,7 @@ fn measure(backend: &mut dyn Backend, args: &BenchArgs, vocab: u64, next_id: &mu
                     first.entry(id).or_insert_with(|| started.elapsed());
                 }
                 Event::Finished { .. } => open -= 1,
-                Event::Aborted { error, .. } => bail!("benchmark request failed: {error}"),
+                Event::Aborted { reason, .. } => bail!("benchmark request failed: {reason}"),
                 Event::PromptLogits { .. } => {}
             }
         }

@@ -200,7 +200,7 @@ fn evaluate(backend: &mut dyn Backend, prompts: Vec<Prompt>, max_new: usize) -> 
                 }
                 Event::Token { token, .. } => r.greedy_new_ids.push(token),
                 Event::Finished { .. } => open -= 1,
-                Event::Aborted { error, .. } => bail!("prompt {}: {error}", r.name),
+                Event::Aborted { reason, .. } => bail!("prompt {}: {reason}", r.name),
             }
         }
     }

@@ -170,7 +170,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                     let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
                 }
                 Event::Finished { reason, .. } => break 'outer reason,
-                Event::Aborted { error, .. } => bail!("generation failed: {error}"),
+                Event::Aborted { reason, .. } => bail!("generation failed: {reason}"),
                 Event::PromptLogits { .. } => {}
             }
         }

@@ -44,8 +44,8 @@ pub enum Event {
     },
     /// The request ended normally; its blocks are free.
     Finished { id: RequestId, reason: StopReason, prompt_tokens: usize, completion_tokens: usize },
-    /// The request ended without finishing: cancelled, or the engine failed.
-    Aborted { id: RequestId, error: String },
+    /// The request ended without finishing: cancelled, its group failed, or the engine failed.
+    Aborted { id: RequestId, reason: AbortReason },
 }
 
 impl Event {
@@ -61,6 +61,68 @@ impl Event {
     /// Whether this is the request's last event.
     pub fn is_final(&self) -> bool {
         matches!(self, Event::Finished { .. } | Event::Aborted { .. })
+    }
+}
+
+/// Why a request ended without finishing. Typed so that whoever routed it can tell a failure
+/// worth retrying on another worker (the group or the worker went away) from one that would
+/// happen again (a cancellation, an engine error).
+#[derive(Clone, Debug, PartialEq, thiserror::Error, Serialize, Deserialize)]
+pub enum AbortReason {
+    /// The client (or the submitter) cancelled it.
+    #[error("cancelled")]
+    Cancelled,
+    /// The worker's group left for a newer placement epoch.
+    #[error("the cluster moved to placement epoch {epoch}; retry the request")]
+    EpochChanged { epoch: u64 },
+    /// A peer of the worker's expert-parallel group failed: it closed its connection, sent
+    /// something malformed, or fell out of step. `detail` is the data plane's account.
+    #[error("{detail}")]
+    PeerLost { rank: usize, detail: String },
+    /// A collective of the worker's group missed its deadline, waiting for `rank`.
+    #[error("{detail}")]
+    Deadline { rank: usize, detail: String },
+    /// The worker, or the service in front of the engine, is shutting down.
+    #[error("{what} is shutting down")]
+    ShuttingDown { what: String },
+    /// Whoever routed the request lost the worker that held it (disconnected, declared dead).
+    #[error("worker {worker} {why}")]
+    WorkerLost { worker: String, why: String },
+    /// The engine failed (a model or device error), or the request could not run anywhere.
+    #[error("{message}")]
+    Engine { message: String },
+}
+
+impl AbortReason {
+    /// Whether the request may run again on another worker (if it has produced no token yet):
+    /// true when its group or its worker went away, false for a cancellation or an engine
+    /// error, which would only happen again.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            AbortReason::EpochChanged { .. }
+            | AbortReason::PeerLost { .. }
+            | AbortReason::Deadline { .. }
+            | AbortReason::ShuttingDown { .. }
+            | AbortReason::WorkerLost { .. } => true,
+            AbortReason::Cancelled | AbortReason::Engine { .. } => false,
+        }
+    }
+
+    /// An engine failure with this message.
+    pub fn engine(message: impl Into<String>) -> Self {
+        AbortReason::Engine { message: message.into() }
+    }
+}
+
+/// A failed exchange, as a request that was in the step sees it.
+impl From<&crate::model::moe::ExchangeError> for AbortReason {
+    fn from(e: &crate::model::moe::ExchangeError) -> Self {
+        use crate::model::moe::ExchangeError as X;
+        match e {
+            X::PeerFailed { rank, detail } => AbortReason::PeerLost { rank: *rank, detail: detail.clone() },
+            X::Deadline { rank, detail } => AbortReason::Deadline { rank: *rank, detail: detail.clone() },
+            X::Experts { .. } | X::DataPlane { .. } => AbortReason::engine(e.to_string()),
+        }
     }
 }
 

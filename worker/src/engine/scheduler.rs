@@ -12,13 +12,13 @@
 //! decoder; kernels are batch-invariant, so a request's tokens do not depend on what else
 //! was in its batches.
 
-use super::kv_cache::{KvError, KvPool, SeqKv};
 use super::logprobs::token_logprobs;
-use super::request::{Event, Rejection, Request, RequestId};
+use super::request::{AbortReason, Event, Rejection, Request, RequestId};
 use super::sampler::Sampler;
 use super::stop::{StopChecker, StopReason};
+use crate::kv_cache::{KvError, KvPool, SeqKv};
 use crate::model::ModelError;
-use crate::model::moe::ExpertRunner;
+use crate::model::moe::ExpertExchange;
 use crate::model::text::{ImageRows, LogitsFor, SeqStep, TextModel};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::vision::encoder::VisionModel;
@@ -56,7 +56,7 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             kv_cache_bytes: 1 << 30,
-            block_tokens: super::kv_cache::DEFAULT_BLOCK_TOKENS,
+            block_tokens: crate::kv_cache::DEFAULT_BLOCK_TOKENS,
             max_step_tokens: 512,
             max_running: 256,
         }
@@ -117,9 +117,9 @@ impl GpuBackend {
         &mut self,
         pool: &mut KvPool,
         steps: &mut [SeqStep<'_>],
-        experts: &mut dyn ExpertRunner,
+        exchange: Option<&mut dyn ExpertExchange>,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        Ok(self.model.forward(&mut self.kv, pool, steps, experts.expert_parallel())?)
+        Ok(self.model.forward(&mut self.kv, pool, steps, exchange)?)
     }
 }
 
@@ -134,7 +134,7 @@ impl GpuBackend {
         &mut self,
         _: &mut KvPool,
         _: &mut [SeqStep<'_>],
-        _: &mut dyn ExpertRunner,
+        _: Option<&mut dyn ExpertExchange>,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
         match *self {}
     }
@@ -174,7 +174,7 @@ impl Engine {
         eos: Vec<u32>,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
-        let pool = KvPool::new(model.config(), config.kv_cache_bytes, config.block_tokens)?;
+        let pool = KvPool::new(&model.config().kv_layout(), config.kv_cache_bytes, config.block_tokens)?;
         Ok(Self::with_pool(model, tokenizer, eos, config, pool))
     }
 
@@ -303,13 +303,13 @@ impl Engine {
     pub fn cancel(&mut self, id: RequestId) -> bool {
         if let Some(pos) = self.waiting.iter().position(|s| s.req.id == id) {
             self.waiting.remove(pos);
-            self.events.push(Event::Aborted { id, error: "cancelled".into() });
+            self.events.push(Event::Aborted { id, reason: AbortReason::Cancelled });
             return true;
         }
         if let Some(pos) = self.running.iter().position(|s| s.req.id == id) {
             let mut seq = self.running.remove(pos);
             self.free(&mut seq);
-            self.events.push(Event::Aborted { id, error: "cancelled".into() });
+            self.events.push(Event::Aborted { id, reason: AbortReason::Cancelled });
             return true;
         }
         false
@@ -341,12 +341,20 @@ impl Engine {
     /// Run one step with local experts, on a thread of the compute pool (see
     /// [`on_pool`](herd_kernels::cpu::parallel::on_pool): no step of local experts waits on a peer).
     pub fn step(&mut self) -> Result<(Vec<Event>, StepStats), EngineError> {
-        herd_kernels::cpu::parallel::on_pool(|| self.step_with(&mut crate::model::moe::LocalExperts))
+        herd_kernels::cpu::parallel::on_pool(|| self.step_inner(None))
     }
 
-    /// Run one step; `experts` runs the MoE layers (it may join collectives, so in a
-    /// lockstep group this is called on every worker every step, with or without work).
-    pub fn step_with(&mut self, experts: &mut dyn ExpertRunner) -> Result<(Vec<Event>, StepStats), EngineError> {
+    /// Run one step as a worker of an expert-parallel group, whose routed experts run through
+    /// `exchange`. The exchange joins collectives, so every worker of the group calls this
+    /// every step, with or without work.
+    pub fn step_with(&mut self, exchange: &mut dyn ExpertExchange) -> Result<(Vec<Event>, StepStats), EngineError> {
+        self.step_inner(Some(exchange))
+    }
+
+    fn step_inner(
+        &mut self,
+        exchange: Option<&mut dyn ExpertExchange>,
+    ) -> Result<(Vec<Event>, StepStats), EngineError> {
         self.admit();
         let plan = self.plan();
         self.encode_images(&plan);
@@ -402,8 +410,8 @@ impl Engine {
                 })
                 .collect();
             match self.gpu.as_mut() {
-                Some(g) => g.forward(&mut self.pool, &mut steps, experts)?,
-                None => self.model.forward_with(&mut self.pool, &mut steps, experts)?,
+                Some(g) => g.forward(&mut self.pool, &mut steps, exchange)?,
+                None => self.model.forward_with(&mut self.pool, &mut steps, exchange)?,
             }
         };
         for (&(i, _), span) in plan.iter().zip(&image_spans) {
@@ -461,14 +469,14 @@ impl Engine {
         Ok((self.take_events(), stats))
     }
 
-    /// End every request with `error` (after a fatal failure such as a lost peer).
-    pub fn abort_all(&mut self, error: &str) -> Vec<Event> {
+    /// End every request with `reason` (after a fatal failure such as a lost peer).
+    pub fn abort_all(&mut self, reason: &AbortReason) -> Vec<Event> {
         let mut events = self.take_events();
         let mut all: Vec<Seq> = self.waiting.drain(..).collect();
         all.append(&mut self.running);
         for mut seq in all {
             self.pool.release(&mut seq.kv);
-            events.push(Event::Aborted { id: seq.req.id, error: error.to_owned() });
+            events.push(Event::Aborted { id: seq.req.id, reason: reason.clone() });
         }
         self.reserved = 0;
         events

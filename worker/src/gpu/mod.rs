@@ -6,13 +6,13 @@
 //! - [`model`]: [`GpuTextModel`]: embedding → decoder layers → final norm → lm_head, one batch
 //!   of sequences per [`GpuTextModel::forward`], the same contract as the CPU
 //!   [`TextModel::forward`](crate::model::text::TextModel::forward). The KV cache lives on the
-//!   device; its block tables are the CPU [`KvPool`](crate::engine::kv_cache::KvPool)'s, kept
+//!   device; its block tables are the CPU [`KvPool`](crate::kv_cache::KvPool)'s, kept
 //!   in a blocks-only pool.
 //! - [`moe`]: a MoE layer on the device: router, host-side top-k (the counts must reach the host
 //!   anyway, for the expert-parallel all-to-all), then either the fused FP8 path (dispatch
 //!   quantization → grouped FP8 GEMMs → combine) when every expert is FP8, or per-expert float
 //!   linears (the f32 path the golden tests compare with transformers). In an expert-parallel
-//!   group the routed rows go through [`EpRunner::exchange`](crate::ep::EpRunner::exchange) and
+//!   group the routed rows go through the [`ExpertExchange`](crate::model::moe::ExpertExchange) and
 //!   the experts this worker holds run the rows its peers send.
 //! - [`slice`]: a Maverick slice with random FP8 weights made on the device, for the decode
 //!   benchmark of issue 6.
@@ -40,11 +40,24 @@ pub enum GpuError {
     #[error("{0} is not supported on CUDA yet")]
     Unsupported(String),
     #[error(transparent)]
-    Kv(#[from] crate::engine::kv_cache::KvError),
+    Kv(#[from] crate::kv_cache::KvError),
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     TokenOutOfRange { id: u32, vocab: usize },
     #[error("the KV cache of {bytes} bytes does not fit: {free} bytes of device memory are free")]
     KvTooLarge { bytes: usize, free: usize },
     #[error(transparent)]
-    Dispatch(#[from] crate::ep::DispatchError),
+    Exchange(#[from] crate::model::moe::ExchangeError),
+}
+
+/// A GPU shard's failure as the exchange reports it (the peers' rows could not run here).
+impl From<GpuError> for crate::model::moe::ExpertError {
+    fn from(e: GpuError) -> Self {
+        crate::model::moe::ExpertError::Device(e.to_string())
+    }
+}
+
+impl From<DeviceError> for crate::model::moe::ExpertError {
+    fn from(e: DeviceError) -> Self {
+        crate::model::moe::ExpertError::Device(e.to_string())
+    }
 }

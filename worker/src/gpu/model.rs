@@ -9,9 +9,9 @@
 use super::GpuError;
 use super::moe::{GpuMlp, GpuMoe, RoutedExperts, scratch};
 use super::upload;
-use crate::engine::kv_cache::{KvPool, SeqKv};
-use crate::ep::EpRunner;
+use crate::kv_cache::{KvPool, SeqKv};
 use crate::model::config::{LayerAttention, LayerSpec, TextConfig};
+use crate::model::moe::ExpertExchange;
 use crate::model::moe::{ExpertWeights, MoeBlock};
 use crate::model::text::{FfnWeights, LogitsFor, SeqStep, TextModel};
 use herd_kernels::Elems;
@@ -70,7 +70,7 @@ impl GpuKv {
 
     /// The matching blocks-only pool (block tables for every sequence).
     pub fn pool(&self, config: &TextConfig) -> KvPool {
-        KvPool::blocks_only(config, self.blocks, gattn::BLOCK_TOKENS)
+        KvPool::blocks_only(&config.kv_layout(), self.blocks, gattn::BLOCK_TOKENS)
     }
 }
 
@@ -173,7 +173,7 @@ impl GpuTextModel {
         kv: &mut GpuKv,
         pool: &mut KvPool,
         batch: &mut [SeqStep<'_>],
-        mut ep: Option<&mut EpRunner>,
+        mut ep: Option<&mut dyn ExpertExchange>,
     ) -> Result<Vec<Vec<f32>>, GpuError> {
         let cfg = &self.config;
         let (h, vocab) = (cfg.hidden_size, cfg.vocab_size);
@@ -240,7 +240,7 @@ impl GpuTextModel {
 
     /// A step without tokens in an expert-parallel group: this worker still joins every MoE
     /// layer's exchange, running the rows its peers send.
-    fn join_exchanges(&self, ep: &mut EpRunner) -> Result<(), GpuError> {
+    fn join_exchanges(&self, ep: &mut dyn ExpertExchange) -> Result<(), GpuError> {
         for (li, layer) in self.layers.iter().enumerate() {
             if let GpuFfn::Moe(m) = &layer.ffn {
                 // Zero tokens: `forward` touches neither buffer, it only joins the exchange.
@@ -259,7 +259,7 @@ impl GpuTextModel {
         pool: &mut KvPool,
         seqs: &mut [(usize, &mut SeqKv)],
         x: &mut CudaSlice<f32>,
-        mut ep: Option<&mut EpRunner>,
+        mut ep: Option<&mut dyn ExpertExchange>,
     ) -> Result<(), GpuError> {
         let cfg = &self.config;
         let gpu = &*self.gpu;
@@ -277,7 +277,7 @@ impl GpuTextModel {
                 _ => AttnMask::Causal,
             };
             let plan = self.plan_layer(pool, seqs, li, mask)?;
-            let ep = ep.as_deref_mut().map(|r| (li, r));
+            let ep = ep.as_mut().map(|r| (li, &mut **r as _));
             self.layer_forward(layer, kv, &plan, mask, x, total, &rope, &pos_dev, ep)?;
         }
         for (n, s) in seqs.iter_mut() {
@@ -325,7 +325,7 @@ impl GpuTextModel {
         total: usize,
         rope: &(CudaSlice<f32>, CudaSlice<f32>),
         positions: &CudaSlice<i32>,
-        ep: Option<(usize, &mut EpRunner)>,
+        ep: Option<(usize, &mut dyn ExpertExchange)>,
     ) -> Result<(), GpuError> {
         let cfg = &self.config;
         let gpu = &*self.gpu;

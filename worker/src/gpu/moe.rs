@@ -6,7 +6,7 @@
 //! logits = a · routerᵀ → host: top-k, sigmoid scores, routes sorted by (expert, token)
 //! FP8 experts:   quant_dispatch(a, routes) → gemm_swiglu → gemm (down) → combine(shared, ·)
 //! float experts: per active expert: gather(a·score) → SwiGLU MLP → scatter-add into shared
-//! expert-parallel: a → host → EpRunner::exchange (peers' rows run here on GpuShard)
+//! expert-parallel: a → host → ExpertExchange::exchange (peers' rows run here on GpuShard)
 //!                  → each route's output row → device → combine(shared, ·)
 //! ```
 //! The router logits come to the host because the counts per expert must be known there anyway
@@ -18,8 +18,7 @@
 //! token's outputs with the same combine order (expert order, as the CPU runner).
 
 use super::GpuError;
-use crate::ep::EpRunner;
-use crate::model::moe::{ExpertError, ExpertShard, Routing};
+use crate::model::moe::{ExpertError, ExpertExchange, ExpertShard, Routing};
 use herd_kernels::cuda::elementwise as ew;
 use herd_kernels::cuda::linear::{self, LinearWeight};
 use herd_kernels::cuda::{CudaSlice, Gpu, moe as gmoe};
@@ -123,7 +122,7 @@ impl GpuMoe {
         a: &CudaSlice<f32>,
         tokens: usize,
         out: &mut CudaSlice<f32>,
-        ep: Option<(usize, &mut EpRunner)>,
+        ep: Option<(usize, &mut dyn ExpertExchange)>,
     ) -> Result<(), GpuError> {
         if tokens == 0 {
             // Nothing of ours to run, but the group's exchange still needs this worker.
@@ -226,7 +225,7 @@ impl GpuMoe {
 }
 
 /// One MoE layer's held experts on the device, running the rows peers sent
-/// ([`EpRunner::exchange`]): up, experts, down.
+/// ([`ExpertExchange::exchange`]): up, experts, down.
 struct GpuShard<'a> {
     gpu: &'a Gpu,
     moe: &'a GpuMoe,
@@ -247,7 +246,7 @@ impl ExpertShard for GpuShard<'_> {
         if rows == 0 {
             return Ok(());
         }
-        let slot = |e: usize| moe.held.get(e).copied().flatten().ok_or_else(|| format!("expert {e} is not held here"));
+        let slot = |e: usize| moe.held.get(e).copied().flatten().ok_or(ExpertError::NotHeld { expert: e });
         match &moe.routed {
             RoutedExperts::Fp8 { gate_up, down } => {
                 let mut counts = vec![0usize; moe.held.iter().flatten().count()];

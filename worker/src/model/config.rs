@@ -93,6 +93,27 @@ pub struct TextConfig {
     pub layers: Vec<LayerSpec>,
 }
 
+impl TextConfig {
+    /// The shape of this model's KV cache: every layer's key rows, and the chunk of each
+    /// chunked-attention layer.
+    pub fn kv_layout(&self) -> crate::kv_cache::KvLayout {
+        let chunks = self
+            .layers
+            .iter()
+            .map(|l| match (l.attention, self.attention_chunk_size) {
+                (LayerAttention::Chunked, Some(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        crate::kv_cache::KvLayout { kv_heads: self.num_key_value_heads, head_dim: self.head_dim, chunks }
+    }
+
+    /// The decoder layers whose feed-forward is a MoE block, in order.
+    pub fn moe_layers(&self) -> Vec<usize> {
+        (0..self.num_hidden_layers).filter(|&l| self.layers[l].moe).collect()
+    }
+}
+
 /// A whole checkpoint's config.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {

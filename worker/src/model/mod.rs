@@ -3,7 +3,7 @@
 //! Loading: [`config::ModelConfig::from_dir`] → [`checkpoint::Checkpoint::open`] (mmap) →
 //! [`text::TextModel::load`] builds every layer through [`weights::WeightLoader`], which checks
 //! each tensor's name and shape. Running: [`text::TextModel::forward`] over a batch of
-//! sequences, each bringing its own [`crate::engine::kv_cache::KvCache`].
+//! sequences, each bringing its own [`crate::kv_cache::KvCache`].
 
 pub mod checkpoint;
 pub mod config;
@@ -34,7 +34,9 @@ pub enum ModelError {
     #[error("{patches} image tokens in a step but {rows} image feature rows")]
     ImageRows { patches: usize, rows: usize },
     #[error("KV cache: {0}")]
-    KvCache(crate::engine::kv_cache::KvError),
+    KvCache(crate::kv_cache::KvError),
     #[error("running experts: {0}")]
-    Experts(moe::ExpertError),
+    Experts(#[from] moe::ExpertError),
+    #[error(transparent)]
+    Exchange(#[from] moe::ExchangeError),
 }

@@ -65,24 +65,23 @@ impl Routing {
     }
 }
 
-/// Runs the routed experts of one MoE layer for this worker's tokens.
+/// The expert-parallel exchange of one MoE layer, as the model sees it: each route of this
+/// worker's tokens goes to a worker holding its expert, the rows the peers send run on `shard`,
+/// and each route's expert output comes back.
 ///
-/// Single-process runs use [`LocalExperts`]; the expert-parallel engine supplies a runner
-/// that ships each token to the worker holding its expert. Every worker calls the runner for
-/// every MoE layer of every step, even with no tokens, because the runner may join
-/// collectives with its peers.
-pub trait ExpertRunner: Send {
-    /// `x`: `[tokens, hidden]` post-norm activations; returns the routed output
-    /// `[tokens, hidden]`: each token's expert outputs summed in expert-index order.
-    fn run(&mut self, layer: usize, block: &MoeBlock, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError>;
-
-    /// The expert-parallel exchange behind this runner, for a model that runs the rest of the
-    /// MoE layer itself (the GPU engine keeps the shared expert and the combine on the device
-    /// and hands only the routed rows to the group). `None` when every expert is in this
-    /// process.
-    fn expert_parallel(&mut self) -> Option<&mut crate::ep::EpRunner> {
-        None
-    }
+/// The model defines the seam and [`crate::ep::EpRunner`] implements it over a transport. An
+/// exchange is a collective: every worker of a group calls it for every MoE layer of every
+/// step, with or without routes of its own. A model run with no exchange holds every expert.
+pub trait ExpertExchange: Send {
+    /// `x`: `[tokens, hidden]` post-norm rows of this worker; returns `[routes, hidden]`, the
+    /// expert output of each route of `routing`, in `routing` order.
+    fn exchange(
+        &mut self,
+        layer: usize,
+        shard: &dyn ExpertShard,
+        x: &[f32],
+        routing: &Routing,
+    ) -> Result<Vec<f32>, ExchangeError>;
 }
 
 /// The routed experts one worker holds, as the expert-parallel exchange runs them on the rows
@@ -116,29 +115,32 @@ impl ExpertShard for MoeBlock {
     }
 }
 
-/// A failure outside the model while running experts (e.g. a lost peer).
-pub type ExpertError = Box<dyn std::error::Error + Send + Sync>;
+/// Why this worker's own routed experts could not run.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ExpertError {
+    #[error("expert {expert} is not held by this worker")]
+    NotHeld { expert: usize },
+    /// The device the experts live on failed (a GPU shard).
+    #[error("{0}")]
+    Device(String),
+}
 
-/// Runs every expert in this process (all experts must be loaded).
-#[derive(Debug, Default)]
-pub struct LocalExperts;
-
-impl ExpertRunner for LocalExperts {
-    fn run(&mut self, _layer: usize, block: &MoeBlock, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError> {
-        let hidden = block.hidden;
-        let mut routed = vec![0.0f32; x.len()]; // [tokens, hidden]
-        for e in 0..block.experts {
-            let routes = routing.expert_routes(e);
-            if routes.is_empty() {
-                continue;
-            }
-            let inputs = block.gather(x, routes);
-            let mut y = vec![0.0f32; inputs.len()];
-            block.run_expert(e, &inputs, &mut y)?;
-            accumulate(&mut routed, routes.iter().map(|r| r.token), &y, hidden);
-        }
-        Ok(routed)
-    }
+/// Why an expert-parallel exchange failed, with whom it blames. `detail` is the data plane's
+/// own account (it names the layer, the peer and what went wrong).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ExchangeError {
+    /// A peer closed its connection, sent something malformed, or fell out of step.
+    #[error("{detail}")]
+    PeerFailed { rank: usize, detail: String },
+    /// A peer missed the collective's deadline.
+    #[error("{detail}")]
+    Deadline { rank: usize, detail: String },
+    /// The rows the peers sent could not run on this worker's experts.
+    #[error("layer {layer}: running the local experts: {source}")]
+    Experts { layer: usize, source: ExpertError },
+    /// The data plane failed without blaming a peer.
+    #[error("{detail}")]
+    DataPlane { detail: String },
 }
 
 /// Add expert output rows into their tokens' rows. Callers visit experts in index order, so
@@ -323,24 +325,50 @@ impl MoeBlock {
         self.local.get(expert).is_some_and(Option::is_some)
     }
 
-    /// `x`: `[tokens, hidden]` → `out`: `[tokens, hidden]` (shared + routed experts).
+    /// `x`: `[tokens, hidden]` → `out`: `[tokens, hidden]` (shared + routed experts). With an
+    /// `exchange` the routed experts run wherever the group's placement puts them; without
+    /// one every expert must be held here.
     pub fn forward(
         &self,
         layer: usize,
         x: &[f32],
         out: &mut [f32],
-        runner: &mut dyn ExpertRunner,
-    ) -> Result<Routing, ExpertError> {
+        exchange: Option<&mut dyn ExpertExchange>,
+    ) -> Result<Routing, ModelError> {
         // The router and the shared expert's gate/up read the same `x`: one parallel region.
         let tokens = x.len() / self.hidden;
         let mut logits = vec![0.0f32; tokens * self.experts]; // [tokens, experts]
         self.shared.forward_with(x, out, Some((self.router.matrix(), &mut logits)));
         let routing = self.route_logits(&logits);
-        let routed = runner.run(layer, self, x, &routing)?;
+        let mut routed = vec![0.0f32; x.len()]; // [tokens, hidden]
+        match exchange {
+            Some(exchange) => {
+                let y = exchange.exchange(layer, self, x, &routing)?; // [routes, hidden]
+                // The combine in route order (expert, then token), as the local path sums.
+                accumulate(&mut routed, routing.routes.iter().map(|r| r.token), &y, self.hidden);
+            }
+            None => self.run_local(x, &routing, &mut routed)?,
+        }
         for (o, r) in out.iter_mut().zip(&routed) {
             *o += r;
         }
         Ok(routing)
+    }
+
+    /// Every routed expert in this process: each expert on its gathered rows, added into
+    /// `routed` (`[tokens, hidden]`) in expert order.
+    fn run_local(&self, x: &[f32], routing: &Routing, routed: &mut [f32]) -> Result<(), ExpertError> {
+        for e in 0..self.experts {
+            let routes = routing.expert_routes(e);
+            if routes.is_empty() {
+                continue;
+            }
+            let inputs = self.gather(x, routes);
+            let mut y = vec![0.0f32; inputs.len()];
+            self.run_expert(e, &inputs, &mut y)?;
+            accumulate(routed, routes.iter().map(|r| r.token), &y, self.hidden);
+        }
+        Ok(())
     }
 
     /// Top-k experts of each token by raw router logit; scores are their sigmoids.
@@ -367,11 +395,7 @@ impl MoeBlock {
 
     /// Expert `e` on already-scaled inputs: `[n, hidden]` → `[n, hidden]`.
     pub fn run_expert(&self, e: usize, inputs: &[f32], out: &mut [f32]) -> Result<(), ExpertError> {
-        let expert = self
-            .local
-            .get(e)
-            .and_then(Option::as_ref)
-            .ok_or_else(|| format!("expert {e} is not held by this worker"))?;
+        let expert = self.local.get(e).and_then(Option::as_ref).ok_or(ExpertError::NotHeld { expert: e })?;
         let n = inputs.len() / self.hidden;
         match expert {
             Expert::Fused { gate_up: gu, down } => {

@@ -16,9 +16,9 @@ use super::ModelError;
 use super::checkpoint::Checkpoint;
 use super::config::{LayerAttention, LayerSpec, ModelConfig, TextConfig};
 use super::mlp::Mlp;
-use super::moe::{ExpertRunner, ExpertSubset, LocalExperts, MoeBlock};
+use super::moe::{ExpertExchange, ExpertSubset, MoeBlock};
 use super::weights::{ComputeDtype, Weight, WeightLoader};
-use crate::engine::kv_cache::{DEFAULT_BLOCK_TOKENS, KvPool, SeqKv};
+use crate::kv_cache::{DEFAULT_BLOCK_TOKENS, KvPool, SeqKv};
 use herd_kernels::cpu::attention::{self, AttnHeads, AttnMask};
 use herd_kernels::cpu::{matmul, norm, rope};
 use rayon::prelude::*;
@@ -231,7 +231,7 @@ impl TextModel {
 
     /// A KV pool that grows on demand (tools and tests; the engine uses a budgeted pool).
     pub fn new_pool(&self) -> KvPool {
-        KvPool::unbounded(&self.config, DEFAULT_BLOCK_TOKENS)
+        KvPool::unbounded(&self.config.kv_layout(), DEFAULT_BLOCK_TOKENS)
     }
 
     /// Run new tokens of every sequence in `batch` with every expert in this process; returns
@@ -239,17 +239,18 @@ impl TextModel {
     /// per [`LogitsFor`]).
     pub fn forward(&self, pool: &mut KvPool, batch: &mut [SeqStep<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
         // Local experts never wait on a peer, so the step may hold a compute-pool thread.
-        herd_kernels::cpu::parallel::on_pool(|| self.forward_with(pool, batch, &mut LocalExperts))
+        herd_kernels::cpu::parallel::on_pool(|| self.forward_with(pool, batch, None))
     }
 
-    /// [`forward`](Self::forward) with routed experts run by `experts` (e.g. over the
-    /// expert-parallel data plane). Every worker of a lockstep group calls this every step,
-    /// with an empty batch if it has no work, so that the runner's collectives line up.
+    /// [`forward`](Self::forward), with the routed experts run through `exchange` when the
+    /// model is one worker of an expert-parallel group (`None`: every expert is here). Every
+    /// worker of a lockstep group calls this every step, with an empty batch if it has no work,
+    /// so that the exchanges' collectives line up.
     pub fn forward_with(
         &self,
         pool: &mut KvPool,
         batch: &mut [SeqStep<'_>],
-        experts: &mut dyn ExpertRunner,
+        mut exchange: Option<&mut dyn ExpertExchange>,
     ) -> Result<Vec<Vec<f32>>, ModelError> {
         let cfg = &self.config;
         let h = cfg.hidden_size;
@@ -281,7 +282,17 @@ impl TextModel {
         }
         let (cos, sin) = self.rope.table(&positions);
         for (li, layer) in self.layers.iter().enumerate() {
-            self.layer_forward(li, layer, &mut x, &positions, &cos, &sin, pool, batch, experts)?;
+            self.layer_forward(
+                li,
+                layer,
+                &mut x,
+                &positions,
+                &cos,
+                &sin,
+                pool,
+                batch,
+                exchange.as_mut().map(|e| &mut **e as _),
+            )?;
         }
         for step in batch.iter_mut() {
             step.kv.commit(step.tokens.len());
@@ -300,7 +311,7 @@ impl TextModel {
         sin: &[f32],
         pool: &mut KvPool,
         batch: &mut [SeqStep<'_>],
-        experts: &mut dyn ExpertRunner,
+        exchange: Option<&mut dyn ExpertExchange>,
     ) -> Result<(), ModelError> {
         let cfg = &self.config;
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
@@ -379,7 +390,7 @@ impl TextModel {
         match &layer.ffn {
             FeedForward::Dense(mlp) => mlp.forward(&a, &mut o),
             FeedForward::Moe(moe) => {
-                moe.forward(li, &a, &mut o, experts).map_err(ModelError::Experts)?;
+                moe.forward(li, &a, &mut o, exchange)?;
             }
         }
         add_into(x, &o);

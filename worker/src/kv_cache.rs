@@ -9,9 +9,21 @@
 //!
 //! The engine admits a request only when the pool can hold its worst case
 //! ([`KvPool::blocks_for`]), so appends never run out of blocks mid-step.
+//!
+//! The pool sits below both the model (whose layers append to it and read it) and the engine
+//! (which reserves and releases it): it knows only the [`KvLayout`] of the cache, not the model.
 
-use crate::model::config::{LayerAttention, TextConfig};
 use herd_kernels::cpu::attention::KvHistory;
+
+/// What the pool needs to know of a model: how many layers, how wide a key row is, and which
+/// layers attend within chunks. `TextConfig::kv_layout` gives it for a checkpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KvLayout {
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Per layer: `Some(chunk)` for chunked attention, `None` for full attention.
+    pub chunks: Vec<Option<usize>>,
+}
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum KvError {
@@ -83,8 +95,8 @@ pub const DEFAULT_BLOCK_TOKENS: usize = 16;
 
 impl KvPool {
     /// A pool of as many blocks as `budget_bytes` holds.
-    pub fn new(config: &TextConfig, budget_bytes: usize, block_tokens: usize) -> Result<Self, KvError> {
-        let mut pool = Self::unbounded(config, block_tokens);
+    pub fn new(layout: &KvLayout, budget_bytes: usize, block_tokens: usize) -> Result<Self, KvError> {
+        let mut pool = Self::unbounded(layout, block_tokens);
         let blocks = budget_bytes / pool.block_bytes();
         if blocks == 0 {
             return Err(KvError::BudgetTooSmall { budget: budget_bytes, block: pool.block_bytes() });
@@ -100,30 +112,22 @@ impl KvPool {
 
     /// A pool of `blocks` blocks that keeps only the block tables: the keys and values live
     /// elsewhere (in GPU memory, indexed by the same block ids).
-    pub fn blocks_only(config: &TextConfig, blocks: usize, block_tokens: usize) -> Self {
-        let mut pool = Self::unbounded(config, block_tokens);
+    pub fn blocks_only(layout: &KvLayout, blocks: usize, block_tokens: usize) -> Self {
+        let mut pool = Self::unbounded(layout, block_tokens);
         pool.free = (0..blocks as u32).rev().collect();
         pool.capacity = Some(blocks);
         pool
     }
 
     /// A pool that grows as sequences need blocks.
-    pub fn unbounded(config: &TextConfig, block_tokens: usize) -> Self {
+    pub fn unbounded(layout: &KvLayout, block_tokens: usize) -> Self {
         assert!(block_tokens > 0);
-        let chunks = config
-            .layers
-            .iter()
-            .map(|l| match (l.attention, config.attention_chunk_size) {
-                (LayerAttention::Chunked, Some(c)) => Some(c),
-                _ => None,
-            })
-            .collect();
         Self {
             block_tokens,
-            row: config.num_key_value_heads * config.head_dim,
-            head_dim: config.head_dim,
-            layers: config.num_hidden_layers,
-            chunks,
+            row: layout.kv_heads * layout.head_dim,
+            head_dim: layout.head_dim,
+            layers: layout.chunks.len(),
+            chunks: layout.chunks.clone(),
             keys: Vec::new(),
             values: Vec::new(),
             free: Vec::new(),
@@ -270,35 +274,10 @@ impl KvPool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::LayerSpec;
 
-    fn config(chunk: usize) -> TextConfig {
-        let layer =
-            |attention| LayerSpec { uses_rope: true, attention, moe: false, qk_norm: false, temperature_tuning: false };
-        TextConfig {
-            vocab_size: 10,
-            hidden_size: 4,
-            intermediate_size: 4,
-            intermediate_size_mlp: 4,
-            num_hidden_layers: 2,
-            num_attention_heads: 1,
-            num_key_value_heads: 1,
-            head_dim: 2,
-            rms_norm_eps: 1e-5,
-            rope_theta: 10000.0,
-            rope_scaling: None,
-            attention_chunk_size: Some(chunk),
-            floor_scale: 8192.0,
-            attn_scale: 0.1,
-            num_local_experts: 1,
-            num_experts_per_tok: 1,
-            tie_word_embeddings: false,
-            bos_token_id: None,
-            eos_token_ids: vec![],
-            pad_token_id: None,
-            max_position_embeddings: 1 << 20,
-            layers: vec![layer(LayerAttention::Full), layer(LayerAttention::Chunked)],
-        }
+    /// Two layers of one kv head of width 2: a full-attention layer, then a chunked one.
+    fn config(chunk: usize) -> KvLayout {
+        KvLayout { kv_heads: 1, head_dim: 2, chunks: vec![None, Some(chunk)] }
     }
 
     fn rows(start: usize, n: usize) -> Vec<f32> {
