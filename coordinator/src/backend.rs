@@ -6,8 +6,8 @@
 use crate::local_cluster::{LocalCluster, WorkerMsg};
 use anyhow::{Context, bail};
 use herd_worker::control::{Command, Report, WorkerStats};
+use herd_worker::engine::Engine;
 use herd_worker::engine::request::{Event, Request, RequestId};
-use herd_worker::engine::scheduler::Engine;
 use std::collections::HashMap;
 use std::time::Duration;
 

@@ -11,7 +11,7 @@ use axum::http::StatusCode;
 use herd_coordinator::api::{ApiConfig, ApiState, LocalService};
 use herd_worker::engine::request::{Event, Request};
 use herd_worker::engine::sampler::SamplingParams;
-use herd_worker::engine::scheduler::{Engine, EngineConfig};
+use herd_worker::engine::{Engine, EngineConfig};
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
 use herd_worker::vision::{DecodeLimits, decode};

@@ -18,9 +18,9 @@ use crate::control::{
     Assignment, Command, DataPlane, FromWorker, NcclId, Report, ToWorker, WorkerHello, WorkerStatus,
     request_coordinator,
 };
+use crate::engine::EngineConfig;
 use crate::engine::device::{self, DeviceOptions};
 use crate::engine::request::{Event, Rejection};
-use crate::engine::scheduler::EngineConfig;
 use crate::ep::EpRunner;
 use crate::frontend::Frontend;
 use crate::lockstep::{self, Load, LockstepConfig};

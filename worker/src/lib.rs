@@ -8,7 +8,7 @@
 //! - [`agent`]: a worker's side of the coordinator tier (registration, heartbeats, placement
 //!   epochs re-forming the lockstep group, requests in and events out).
 //! - [`chat_template`]: the checkpoint's Jinja chat template rendered as transformers does.
-//! - [`engine`]: the continuous-batching engine ([`engine::scheduler`]) over a paged KV cache
+//! - [`engine`]: the continuous-batching engine ([`engine`]) over a paged KV cache
 //!   ([`engine::kv_cache`]), with sampling ([`engine::sampler`]) and stop rules; built on the
 //!   CPU or a GPU by [`engine::device`].
 //! - [`control`]: the messages between a worker and its driver (requests in, events out).
@@ -31,7 +31,7 @@
 //!   encoder + projector whose rows replace the `<|patch|>` embeddings (early fusion).
 //!
 //! A request flows: text → [`chat_template`] → [`tokenizer`] ids →
-//! [`engine::scheduler::Engine::submit`]. Each engine step runs
+//! [`engine::Engine::submit`]. Each engine step runs
 //! [`model::text::TextModel::forward_with`] once over a batch of prefill chunks and decode
 //! tokens on the paged [`engine::kv_cache`]; at every MoE layer an
 //! [`model::moe::ExpertRunner`] runs the routed experts (in process, or [`ep::EpRunner`]

@@ -10,7 +10,7 @@
 
 use crate::control::{Command, Report};
 use crate::engine::request::{AbortReason, Event};
-use crate::engine::scheduler::{Engine, EngineError};
+use crate::engine::{Engine, EngineError};
 use crate::ep::EpRunner;
 use crate::model::ModelError;
 use crate::transport::{TransportError, all_gather};

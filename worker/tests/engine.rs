@@ -4,7 +4,7 @@
 
 use herd_worker::engine::request::{AbortReason, Event, Rejection, Request};
 use herd_worker::engine::sampler::SamplingParams;
-use herd_worker::engine::scheduler::{Engine, EngineConfig};
+use herd_worker::engine::{Engine, EngineConfig};
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
 use std::collections::BTreeMap;

@@ -7,9 +7,9 @@
 mod support;
 
 use herd_kernels::device::Device;
+use herd_worker::engine::EngineConfig;
 use herd_worker::engine::device::{self, DeviceOptions};
 use herd_worker::engine::request::Event;
-use herd_worker::engine::scheduler::EngineConfig;
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
 use herd_worker::placement::Placement;

@@ -5,7 +5,7 @@
 
 use herd_worker::engine::request::{Event, Rejection, Request};
 use herd_worker::engine::sampler::SamplingParams;
-use herd_worker::engine::scheduler::{Engine, EngineConfig};
+use herd_worker::engine::{Engine, EngineConfig};
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
 use herd_worker::vision::{DecodeLimits, PixelValues, decode};

@@ -10,9 +10,9 @@
 //! when the client goes away, and the service must then stop the work on the engine or worker.
 
 use futures::Stream;
+use herd_worker::engine::Engine;
 use herd_worker::engine::request::{AbortReason, Event, Rejection, Request, RequestId};
 use herd_worker::engine::sampler::SamplingParams;
-use herd_worker::engine::scheduler::Engine;
 use herd_worker::vision::PixelValues;
 use std::collections::HashMap;
 use std::pin::Pin;

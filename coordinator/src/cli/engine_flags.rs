@@ -1,7 +1,7 @@
 //! Engine flags shared by every command that runs a model (`generate`, `eval`, `bench`, `serve`,
 //! `worker`).
 
-use herd_worker::engine::scheduler::EngineConfig;
+use herd_worker::engine::EngineConfig;
 use herd_worker::kv_cache::DEFAULT_BLOCK_TOKENS;
 use herd_worker::model::weights::ComputeDtype;
 

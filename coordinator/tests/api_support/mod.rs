@@ -11,8 +11,8 @@ use herd_coordinator::api::{
 };
 use herd_worker::engine::request::{Event, Request as EngineRequest};
 use herd_worker::engine::sampler::SamplingParams;
-use herd_worker::engine::scheduler::{Engine, EngineConfig};
 use herd_worker::engine::stop::StopReason;
+use herd_worker::engine::{Engine, EngineConfig};
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
 use http_body_util::BodyExt;

@@ -3,7 +3,10 @@
 //! a single-process `generate|eval|bench`, and each worker of an expert-parallel group, which
 //! uploads only the routed experts its placement gives it.
 
-use super::scheduler::{Engine, EngineConfig, EngineError};
+use super::{Engine, EngineConfig, EngineError};
+use crate::kv_cache::KvPool;
+use crate::model::moe::ExpertExchange;
+use crate::model::text::SeqStep;
 use crate::model::text::TextModel;
 use crate::tokenizer::Tokenizer;
 use herd_kernels::device::Device;
@@ -76,4 +79,41 @@ fn on_gpu(
     _opts: &DeviceOptions,
 ) -> Result<Engine, EngineError> {
     Err(herd_kernels::device::DeviceError::NotBuilt.into())
+}
+
+/// The model on a CUDA device, as the engine runs it: the forward pass runs there, with the KV
+/// data on the device and the engine's pool keeping only its block tables.
+#[cfg(feature = "cuda")]
+pub(super) struct GpuBackend {
+    pub(super) model: Arc<crate::gpu::GpuTextModel>,
+    pub(super) kv: crate::gpu::model::GpuKv,
+}
+
+#[cfg(feature = "cuda")]
+impl GpuBackend {
+    pub(super) fn forward(
+        &mut self,
+        pool: &mut KvPool,
+        steps: &mut [SeqStep<'_>],
+        exchange: Option<&mut dyn ExpertExchange>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        Ok(self.model.forward(&mut self.kv, pool, steps, exchange)?)
+    }
+}
+
+/// Without the `cuda` feature there is no GPU backend: an uninhabited type keeps the engine's
+/// code the same in both builds.
+#[cfg(not(feature = "cuda"))]
+pub(super) enum GpuBackend {}
+
+#[cfg(not(feature = "cuda"))]
+impl GpuBackend {
+    pub(super) fn forward(
+        &mut self,
+        _: &mut KvPool,
+        _: &mut [SeqStep<'_>],
+        _: Option<&mut dyn ExpertExchange>,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
+        match *self {}
+    }
 }

@@ -5,10 +5,10 @@
 #![allow(dead_code)]
 
 use herd_worker::control::{Command, Report};
+use herd_worker::engine::EngineConfig;
 use herd_worker::engine::device::{self, DeviceOptions};
 use herd_worker::engine::request::{Event, Request};
 use herd_worker::engine::sampler::SamplingParams;
-use herd_worker::engine::scheduler::EngineConfig;
 use herd_worker::ep::EpRunner;
 use herd_worker::frontend::Frontend;
 use herd_worker::lockstep::{self, LockstepConfig};
