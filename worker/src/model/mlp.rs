@@ -15,12 +15,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    /// Load `{prefix}.gate_proj` etc., float or quantized (see [`WeightLoader::linear`]).
-    pub fn load(w: &WeightLoader<'_>, prefix: &str, hidden: usize, width: usize) -> Result<Self, ModelError> {
+    /// Load the module `w` is scoped to: `gate_proj`, `up_proj`, `down_proj`, float or
+    /// quantized (see [`WeightLoader::linear`]).
+    pub fn load(w: &WeightLoader<'_>, hidden: usize, width: usize) -> Result<Self, ModelError> {
         Ok(Self {
-            gate: w.linear(&format!("{prefix}.gate_proj"), width, hidden)?,
-            up: w.linear(&format!("{prefix}.up_proj"), width, hidden)?,
-            down: w.linear(&format!("{prefix}.down_proj"), hidden, width)?,
+            gate: w.linear("gate_proj", width, hidden)?,
+            up: w.linear("up_proj", width, hidden)?,
+            down: w.linear("down_proj", hidden, width)?,
             width,
         })
     }

@@ -5,6 +5,7 @@
 //! each tensor's name and shape. Running: [`text::TextModel::forward`] over a batch of
 //! sequences, each bringing its own [`crate::kv_cache::KvCache`].
 
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod mlp;

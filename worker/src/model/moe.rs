@@ -172,19 +172,20 @@ enum Expert {
 }
 
 impl Expert {
-    fn load(w: &WeightLoader<'_>, prefix: &str, shape: ExpertShape, e: usize) -> Result<Self, ModelError> {
+    /// Expert `e` of the `experts` module `w` is scoped to.
+    fn load(w: &WeightLoader<'_>, shape: ExpertShape, e: usize) -> Result<Self, ModelError> {
         let ExpertShape { experts, hidden, width, per_expert } = shape;
         Ok(if per_expert {
-            let p = format!("{prefix}.experts.{e}");
+            let w = w.pp(e);
             Expert::Linear {
-                gate: w.linear(&format!("{p}.gate_proj"), width, hidden)?,
-                up: w.linear(&format!("{p}.up_proj"), width, hidden)?,
-                down: w.linear(&format!("{p}.down_proj"), hidden, width)?,
+                gate: w.linear("gate_proj", width, hidden)?,
+                up: w.linear("up_proj", width, hidden)?,
+                down: w.linear("down_proj", hidden, width)?,
             }
         } else {
             Expert::Fused {
-                gate_up: w.slice3(&format!("{prefix}.experts.gate_up_proj"), [experts, hidden, 2 * width], e)?,
-                down: w.slice3(&format!("{prefix}.experts.down_proj"), [experts, width, hidden], e)?,
+                gate_up: w.slice3("gate_up_proj", [experts, hidden, 2 * width], e)?,
+                down: w.slice3("down_proj", [experts, width, hidden], e)?,
             }
         })
     }
@@ -216,11 +217,10 @@ struct ExpertShape {
     per_expert: bool,
 }
 
-/// Whether the experts of the MoE block `prefix` are stored as per-expert nn.Linear modules.
-fn per_expert_layout(w: &WeightLoader<'_>, prefix: &str) -> bool {
-    let ckpt = w.checkpoint();
-    let p = format!("{prefix}.experts.0.gate_proj");
-    ckpt.contains(&format!("{p}.weight")) || ckpt.contains(&format!("{p}.weight_packed"))
+/// Whether the `experts` module `w` is scoped to stores per-expert nn.Linear modules.
+fn per_expert_layout(w: &WeightLoader<'_>) -> bool {
+    let gate = w.pp("0.gate_proj");
+    gate.contains("weight") || gate.contains("weight_packed")
 }
 
 #[derive(Debug)]
@@ -245,20 +245,19 @@ pub enum ExpertSubset<'a> {
 }
 
 impl MoeBlock {
-    /// Load `{prefix}.router.weight`, the shared expert, and the routed experts in `subset`
-    /// (slices of `{prefix}.experts.{gate_up_proj,down_proj}`, or the per-expert modules
-    /// `{prefix}.experts.{e}.{gate,up,down}_proj`; only their bytes are mapped).
-    #[allow(clippy::too_many_arguments)]
+    /// Load the `feed_forward` module `w` is scoped to: `router.weight`, the shared expert,
+    /// and the routed experts in `subset` (slices of `experts.{gate_up_proj,down_proj}`, or
+    /// the per-expert modules `experts.{e}.{gate,up,down}_proj`; only their bytes are mapped).
     pub fn load(
         w: &WeightLoader<'_>,
-        prefix: &str,
         hidden: usize,
         width: usize,
         experts: usize,
         top_k: usize,
         subset: ExpertSubset<'_>,
     ) -> Result<Self, ModelError> {
-        let shape = ExpertShape { experts, hidden, width, per_expert: per_expert_layout(w, prefix) };
+        let routed = w.pp("experts");
+        let shape = ExpertShape { experts, hidden, width, per_expert: per_expert_layout(&routed) };
         let mut local: Vec<Option<Expert>> = (0..experts).map(|_| None).collect();
         let mut expert_bytes = 0;
         for (e, slot) in local.iter_mut().enumerate() {
@@ -267,18 +266,18 @@ impl MoeBlock {
             {
                 continue;
             }
-            let expert = Expert::load(w, prefix, shape, e)?;
+            let expert = Expert::load(&routed, shape, e)?;
             expert_bytes = expert.bytes();
             *slot = Some(expert);
         }
         if expert_bytes == 0 && experts > 0 {
             // A worker holding no expert of this layer still checks the tensors exist.
-            expert_bytes = Expert::load(w, prefix, shape, 0)?.bytes();
+            expert_bytes = Expert::load(&routed, shape, 0)?.bytes();
         }
         Ok(Self {
-            router: w.weight(&format!("{prefix}.router.weight"), &[experts, hidden])?,
+            router: w.weight("router.weight", &[experts, hidden])?,
             local,
-            shared: Mlp::load(w, &format!("{prefix}.shared_expert"), hidden, width)?,
+            shared: Mlp::load(&w.pp("shared_expert"), hidden, width)?,
             experts,
             top_k,
             hidden,

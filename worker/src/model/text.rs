@@ -1,27 +1,24 @@
-//! The Llama 4 text model: embeddings, decoder layers, final norm, lm_head.
+//! The Llama 4 text model (`Llama4TextModel` + lm_head): embeddings, decoder layers, final
+//! norm, lm_head.
 //!
 //! One [`TextModel::forward`] call runs a batch of sequences, each contributing a run of new
 //! tokens (a whole prompt, a prefill chunk, or one decode token) on top of its own KV cache.
 //! All tokens of the batch share every matmul; attention runs per sequence over its own
-//! history. Per layer (pre-norm):
+//! history. Per decoder layer (`Llama4TextDecoderLayer`, pre-norm):
 //! ```text
-//! a = RMSNorm(h);  q,k,v = a·Wq, a·Wk, a·Wv
-//! RoPE layers: rotate q,k (interleaved pairs), then QK-norm if configured
-//! NoPE layers: q ·= 1 + attn_scale·log1p(floor((p+1)/floor_scale)) if temperature tuning
-//! h += Wo · attention(q, cache ∪ {k,v})       (chunked mask on RoPE layers, causal on NoPE)
-//! h += FFN(RMSNorm(h))                         (MoE or dense SwiGLU)
+//! h += Attention(RMSNorm(h))     (model/attention.rs)
+//! h += FFN(RMSNorm(h))           (MoE: model/moe.rs, or dense SwiGLU: model/mlp.rs)
 //! ```
 
 use super::ModelError;
+use super::attention::{self, Attention, Positions};
 use super::checkpoint::Checkpoint;
-use super::config::{LayerAttention, LayerSpec, ModelConfig, TextConfig};
+use super::config::{LayerSpec, ModelConfig, TextConfig};
 use super::mlp::Mlp;
 use super::moe::{ExpertExchange, ExpertSubset, MoeBlock};
 use super::weights::{ComputeDtype, Weight, WeightLoader};
 use crate::kv_cache::{DEFAULT_BLOCK_TOKENS, KvPool, SeqKv};
-use herd_kernels::cpu::attention::{self, AttnHeads, AttnMask};
 use herd_kernels::cpu::{matmul, norm, rope};
-use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -60,16 +57,87 @@ enum FeedForward {
     Moe(MoeBlock),
 }
 
+/// One decoder layer: attention and a feed-forward, each behind its RMSNorm.
 #[derive(Debug)]
 struct DecoderLayer {
+    index: usize,
     spec: LayerSpec,
     input_norm: Vec<f32>,
+    attn: Attention,
     post_norm: Vec<f32>,
-    q: Weight, // [q_heads · head_dim, hidden]
-    k: Weight, // [kv_heads · head_dim, hidden]
-    v: Weight, // [kv_heads · head_dim, hidden]
-    o: Weight, // [hidden, q_heads · head_dim]
     ffn: FeedForward,
+    eps: f32,
+}
+
+impl DecoderLayer {
+    /// Load the `layers.{index}` module `w` is scoped to; a MoE layer loads only the routed
+    /// experts of `experts`.
+    fn load(
+        w: &WeightLoader<'_>,
+        config: &TextConfig,
+        index: usize,
+        experts: ExpertSubset<'_>,
+    ) -> Result<Self, ModelError> {
+        let h = config.hidden_size;
+        let spec = config.layers[index];
+        let ffn = w.pp("feed_forward");
+        let ffn = if spec.moe {
+            FeedForward::Moe(MoeBlock::load(
+                &ffn,
+                h,
+                config.intermediate_size,
+                config.num_local_experts,
+                config.num_experts_per_tok,
+                experts,
+            )?)
+        } else {
+            FeedForward::Dense(Mlp::load(&ffn, h, config.intermediate_size_mlp)?)
+        };
+        Ok(Self {
+            index,
+            spec,
+            input_norm: w.vector_f32("input_layernorm.weight", h)?,
+            attn: Attention::load(&w.pp("self_attn"), config, spec)?,
+            post_norm: w.vector_f32("post_attention_layernorm.weight", h)?,
+            ffn,
+            eps: config.rms_norm_eps,
+        })
+    }
+
+    /// `x`: `[tokens, hidden]`, the residual stream of every token of `batch`, updated in place.
+    fn forward(
+        &self,
+        x: &mut [f32],
+        pos: &Positions,
+        pool: &mut KvPool,
+        batch: &mut [SeqStep<'_>],
+        exchange: Option<&mut dyn ExpertExchange>,
+    ) -> Result<(), ModelError> {
+        let h = self.input_norm.len();
+        let mut a = vec![0.0f32; x.len()]; // [tokens, hidden]
+        let mut o = vec![0.0f32; x.len()]; // [tokens, hidden]
+        norm::rms_norm(x, h, Some(&self.input_norm), self.eps, &mut a);
+        self.attn.forward(self.index, &a, pos, pool, batch, &mut o)?;
+        add_into(x, &o);
+        norm::rms_norm(x, h, Some(&self.post_norm), self.eps, &mut a);
+        match &self.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(&a, &mut o),
+            FeedForward::Moe(moe) => {
+                moe.forward(self.index, &a, &mut o, exchange)?;
+            }
+        }
+        add_into(x, &o);
+        Ok(())
+    }
+
+    fn bytes(&self, moe_bytes: fn(&MoeBlock) -> usize) -> usize {
+        let a = &self.attn;
+        let ffn = match &self.ffn {
+            FeedForward::Dense(m) => m.bytes(),
+            FeedForward::Moe(m) => moe_bytes(m),
+        };
+        a.q.bytes() + a.k.bytes() + a.v.bytes() + a.o.bytes() + ffn
+    }
 }
 
 /// The loaded text model.
@@ -106,8 +174,8 @@ pub enum FfnWeights<'a> {
 
 /// Where the text weights live for each architecture (transformers renamed the
 /// multimodal prefix between versions, so every known spelling is tried).
-const TEXT_PREFIXES: [&str; 4] = ["language_model.model.", "model.language_model.", "model.", ""];
-const LM_HEAD_PREFIXES: [&str; 2] = ["language_model.lm_head", "lm_head"];
+const TEXT_SCOPES: [&str; 4] = ["language_model.model", "model.language_model", "model", ""];
+const LM_HEAD_SCOPES: [&str; 2] = ["language_model.lm_head", "lm_head"];
 
 impl TextModel {
     /// Load config and weights from a checkpoint directory.
@@ -125,51 +193,27 @@ impl TextModel {
         compute: ComputeDtype,
         local_experts: Option<&BTreeMap<usize, Vec<usize>>>,
     ) -> Result<Self, ModelError> {
-        let w = WeightLoader::new(ckpt, compute);
-        let prefix =
-            TEXT_PREFIXES.iter().find(|p| ckpt.contains(&format!("{p}embed_tokens.weight"))).ok_or_else(|| {
-                ModelError::MissingTensor {
-                    name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)".into(),
-                    dir: ckpt.dir().to_path_buf(),
-                }
-            })?;
+        let root = WeightLoader::new(ckpt, compute);
+        let w = TEXT_SCOPES.iter().map(|scope| root.pp(scope)).find(|w| w.contains("embed_tokens.weight")).ok_or_else(
+            || ModelError::MissingTensor {
+                name: "model.embed_tokens.weight (or language_model.model.embed_tokens.weight)".into(),
+                dir: ckpt.dir().to_path_buf(),
+            },
+        )?;
         let (h, v) = (config.hidden_size, config.vocab_size);
-        let (qd, kvd) = (config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim);
-        let embed = w.weight(&format!("{prefix}embed_tokens.weight"), &[v, h])?;
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for (i, spec) in config.layers.iter().enumerate() {
-            let p = format!("{prefix}layers.{i}");
-            let ffn = if spec.moe {
-                let subset = match local_experts {
+        let embed = w.weight("embed_tokens.weight", &[v, h])?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| {
+                let experts = match local_experts {
                     None => ExpertSubset::All,
                     Some(map) => ExpertSubset::Only(map.get(&i).map_or(&[][..], Vec::as_slice)),
                 };
-                FeedForward::Moe(MoeBlock::load(
-                    &w,
-                    &format!("{p}.feed_forward"),
-                    h,
-                    config.intermediate_size,
-                    config.num_local_experts,
-                    config.num_experts_per_tok,
-                    subset,
-                )?)
-            } else {
-                FeedForward::Dense(Mlp::load(&w, &format!("{p}.feed_forward"), h, config.intermediate_size_mlp)?)
-            };
-            layers.push(DecoderLayer {
-                spec: *spec,
-                input_norm: w.vector_f32(&format!("{p}.input_layernorm.weight"), h)?,
-                post_norm: w.vector_f32(&format!("{p}.post_attention_layernorm.weight"), h)?,
-                q: w.linear(&format!("{p}.self_attn.q_proj"), qd, h)?,
-                k: w.linear(&format!("{p}.self_attn.k_proj"), kvd, h)?,
-                v: w.linear(&format!("{p}.self_attn.v_proj"), kvd, h)?,
-                o: w.linear(&format!("{p}.self_attn.o_proj"), h, qd)?,
-                ffn,
-            });
-        }
-        let norm = w.vector_f32(&format!("{prefix}norm.weight"), h)?;
-        let lm_head = match LM_HEAD_PREFIXES.iter().find(|n| ckpt.contains(&format!("{n}.weight"))) {
-            Some(name) => Some(w.linear(name, v, h)?),
+                DecoderLayer::load(&w.pp("layers").pp(i), config, i, experts)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = w.vector_f32("norm.weight", h)?;
+        let lm_head = match LM_HEAD_SCOPES.iter().find(|n| root.pp(n).contains("weight")) {
+            Some(name) => Some(root.linear(name, v, h)?),
             None if config.tie_word_embeddings => None,
             None => {
                 return Err(ModelError::MissingTensor { name: "lm_head.weight".into(), dir: ckpt.dir().to_path_buf() });
@@ -202,10 +246,10 @@ impl TextModel {
             spec: l.spec,
             input_norm: &l.input_norm,
             post_norm: &l.post_norm,
-            q: &l.q,
-            k: &l.k,
-            v: &l.v,
-            o: &l.o,
+            q: &l.attn.q,
+            k: &l.attn.k,
+            v: &l.attn.v,
+            o: &l.attn.o,
             ffn: match &l.ffn {
                 FeedForward::Dense(m) => FfnWeights::Dense(m),
                 FeedForward::Moe(m) => FfnWeights::Moe(m),
@@ -226,7 +270,7 @@ impl TextModel {
 
     /// Query scale of NoPE layers with temperature tuning at position `p`.
     pub fn attn_temperature_at(&self, p: usize) -> f32 {
-        self.attn_temperature(p)
+        attention::temperature(self.config.floor_scale, self.config.attn_scale, p)
     }
 
     /// A KV pool that grows on demand (tools and tests; the engine uses a budgeted pool).
@@ -259,8 +303,8 @@ impl TextModel {
                 return Err(ModelError::TokenOutOfRange { id, vocab: cfg.vocab_size });
             }
         }
-        let positions: Vec<usize> = batch.iter().flat_map(|s| s.kv.len()..s.kv.len() + s.tokens.len()).collect();
-        let total = positions.len();
+        let pos = Positions::of(batch, &self.rope);
+        let total = pos.positions.len();
 
         let mut x = vec![0.0f32; total * h]; // [tokens, hidden]
         let embed = self.embed.matrix();
@@ -280,127 +324,13 @@ impl TextModel {
                 }
             }
         }
-        let (cos, sin) = self.rope.table(&positions);
-        for (li, layer) in self.layers.iter().enumerate() {
-            self.layer_forward(
-                li,
-                layer,
-                &mut x,
-                &positions,
-                &cos,
-                &sin,
-                pool,
-                batch,
-                exchange.as_mut().map(|e| &mut **e as _),
-            )?;
+        for layer in &self.layers {
+            layer.forward(&mut x, &pos, pool, batch, exchange.as_mut().map(|e| &mut **e as _))?;
         }
         for step in batch.iter_mut() {
             step.kv.commit(step.tokens.len());
         }
         Ok(self.logits(&x, batch))
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
-        &self,
-        li: usize,
-        layer: &DecoderLayer,
-        x: &mut [f32],
-        positions: &[usize],
-        cos: &[f32],
-        sin: &[f32],
-        pool: &mut KvPool,
-        batch: &mut [SeqStep<'_>],
-        exchange: Option<&mut dyn ExpertExchange>,
-    ) -> Result<(), ModelError> {
-        let cfg = &self.config;
-        let (h, d) = (cfg.hidden_size, cfg.head_dim);
-        let (nq, nkv) = (cfg.num_attention_heads, cfg.num_key_value_heads);
-        let total = positions.len();
-        let eps = cfg.rms_norm_eps;
-
-        let mut a = vec![0.0f32; total * h]; // [tokens, hidden]
-        norm::rms_norm(x, h, Some(&layer.input_norm), eps, &mut a);
-        let mut q = vec![0.0f32; total * nq * d]; // [tokens, q_heads, head_dim]
-        let mut k = vec![0.0f32; total * nkv * d]; // [tokens, kv_heads, head_dim]
-        let mut v = vec![0.0f32; total * nkv * d];
-        matmul::matmul_t_many(
-            &a,
-            &mut [(layer.q.matrix(), &mut q), (layer.k.matrix(), &mut k), (layer.v.matrix(), &mut v)],
-        );
-        let spec = layer.spec;
-        if spec.uses_rope {
-            rope::apply_rope(&mut q, nq, d, cos, sin);
-            rope::apply_rope(&mut k, nkv, d, cos, sin);
-        }
-        if spec.qk_norm {
-            norm::rms_norm_in_place(&mut q, d, eps);
-            norm::rms_norm_in_place(&mut k, d, eps);
-        }
-        if spec.temperature_tuning {
-            for (qt, &p) in q.chunks_exact_mut(nq * d).zip(positions) {
-                let tau = self.attn_temperature(p);
-                qt.iter_mut().for_each(|v| *v *= tau);
-            }
-        }
-        let mask = match (spec.attention, cfg.attention_chunk_size) {
-            (LayerAttention::Chunked, Some(chunk)) => AttnMask::Chunked { chunk },
-            _ => AttnMask::Causal,
-        };
-        let heads = AttnHeads { q_heads: nq, kv_heads: nkv, head_dim: d };
-        let scale = (d as f64).powf(-0.5) as f32;
-        let kv_row = nkv * d;
-        let mut start = 0;
-        for step in batch.iter_mut() {
-            let n = step.tokens.len();
-            let keep_from = mask.first_key(step.kv.len());
-            let (k, v) = (&k[start * kv_row..(start + n) * kv_row], &v[start * kv_row..(start + n) * kv_row]);
-            pool.append(step.kv, li, k, v, keep_from).map_err(ModelError::KvCache)?;
-            start += n;
-        }
-        // Attention runs per sequence; sequences are independent, so a decode batch spreads
-        // over cores by sequence (each one alone has too little work to split).
-        let mut attn = vec![0.0f32; total * nq * d]; // [tokens, q_heads, head_dim]
-        let pool: &KvPool = pool;
-        let mut jobs = Vec::with_capacity(batch.len());
-        let (mut rest, mut start) = (attn.as_mut_slice(), 0);
-        for step in batch.iter() {
-            let n = step.tokens.len();
-            let (out, tail) = rest.split_at_mut(n * nq * d);
-            rest = tail;
-            jobs.push((start, n, pool.history(step.kv, li, n), out));
-            start += n;
-        }
-        let run = |(start, n, history, out): (usize, usize, _, &mut [f32])| {
-            if n > 0 {
-                let q = &q[start * nq * d..(start + n) * nq * d];
-                attention::attention(q, &positions[start..start + n], history, heads, scale, mask, out);
-            }
-        };
-        if jobs.len() > 1 {
-            jobs.into_par_iter().for_each(run)
-        } else {
-            jobs.into_iter().for_each(run)
-        }
-        let mut o = vec![0.0f32; total * h]; // [tokens, hidden]
-        matmul::matmul_t(&attn, layer.o.matrix(), &mut o);
-        add_into(x, &o);
-
-        norm::rms_norm(x, h, Some(&layer.post_norm), eps, &mut a);
-        match &layer.ffn {
-            FeedForward::Dense(mlp) => mlp.forward(&a, &mut o),
-            FeedForward::Moe(moe) => {
-                moe.forward(li, &a, &mut o, exchange)?;
-            }
-        }
-        add_into(x, &o);
-        Ok(())
-    }
-
-    /// Query scale of NoPE layers at absolute position `p`, in f32 as transformers computes it.
-    fn attn_temperature(&self, p: usize) -> f32 {
-        let cfg = &self.config;
-        ((p as f32 + 1.0) / cfg.floor_scale).floor().ln_1p() * cfg.attn_scale + 1.0
     }
 
     fn logits(&self, x: &[f32], batch: &[SeqStep<'_>]) -> Vec<Vec<f32>> {
@@ -442,11 +372,7 @@ impl TextModel {
 
     /// Decoder-layer weight bytes, counting each MoE block as `moe_bytes` says.
     fn layer_bytes(&self, moe_bytes: fn(&MoeBlock) -> usize) -> usize {
-        let ffn = |f: &FeedForward| match f {
-            FeedForward::Dense(m) => m.bytes(),
-            FeedForward::Moe(m) => moe_bytes(m),
-        };
-        self.layers.iter().map(|l| l.q.bytes() + l.k.bytes() + l.v.bytes() + l.o.bytes() + ffn(&l.ffn)).sum()
+        self.layers.iter().map(|l| l.bytes(moe_bytes)).sum()
     }
 }
 

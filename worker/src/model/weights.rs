@@ -156,21 +156,49 @@ impl Weight {
 }
 
 /// Reads named tensors from a checkpoint, checking shapes and applying the compute dtype.
+///
+/// A loader is scoped to a module of the checkpoint: [`pp`](Self::pp) descends into a child
+/// (`w.pp("layers").pp(3).pp("self_attn")`), and every name a method takes is relative to the
+/// scope, so each module's `load` reads the names of the Hugging Face modeling file without
+/// knowing where it sits (candle's `VarBuilder::pp`).
+#[derive(Clone)]
 pub struct WeightLoader<'c> {
     ckpt: &'c Checkpoint,
     compute: ComputeDtype,
+    /// Dotted path of this scope (`""` at the checkpoint's root).
+    prefix: String,
 }
 
 impl<'c> WeightLoader<'c> {
     pub fn new(ckpt: &'c Checkpoint, compute: ComputeDtype) -> Self {
-        Self { ckpt, compute }
+        Self { ckpt, compute, prefix: String::new() }
     }
 
     pub fn checkpoint(&self) -> &'c Checkpoint {
         self.ckpt
     }
 
+    /// The child module `name` of this scope (dotted names descend several levels).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        Self { ckpt: self.ckpt, compute: self.compute, prefix: self.path(&name.to_string()) }
+    }
+
+    /// The full checkpoint name of `name` in this scope.
+    pub fn path(&self, name: &str) -> String {
+        match (self.prefix.is_empty(), name.is_empty()) {
+            (true, _) => name.to_owned(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}.{name}", self.prefix),
+        }
+    }
+
+    /// Whether the checkpoint holds tensor `name` of this scope.
+    pub fn contains(&self, name: &str) -> bool {
+        self.ckpt.contains(&self.path(name))
+    }
+
     fn slice(&self, name: &str, shape: &[usize]) -> Result<TensorSlice, ModelError> {
+        let name = &self.path(name);
         let t = self
             .ckpt
             .get(name)
@@ -184,7 +212,7 @@ impl<'c> WeightLoader<'c> {
         Ok(t)
     }
 
-    /// A weight of the given shape, in the compute dtype.
+    /// Tensor `name` of this scope, of the given shape, in the compute dtype.
     pub fn weight(&self, name: &str, shape: &[usize]) -> Result<Weight, ModelError> {
         let t = self.slice(name, shape)?;
         self.load_range(&t, 0..t.byte_len(), shape.to_vec())
@@ -217,15 +245,15 @@ impl<'c> WeightLoader<'c> {
         Ok(Weight { shape, storage })
     }
 
-    /// The nn.Linear weight `[out, inp]` of module `prefix`, in whichever form is stored:
-    /// float `{prefix}.weight` (compute-dtype rules), FP8 `{prefix}.weight` (F8_E4M3) with
-    /// `{prefix}.weight_scale` (`[out, 1]` or `[out]`), or int4 `{prefix}.weight_packed` (U8
-    /// `[out, ceil(inp/2)]`) with `{prefix}.weight_scale` (`[out, ceil(inp/128)]`).
-    pub fn linear(&self, prefix: &str, out: usize, inp: usize) -> Result<Weight, ModelError> {
-        let name = format!("{prefix}.weight");
-        let packed_name = format!("{prefix}.weight_packed");
-        let scale_name = format!("{prefix}.weight_scale");
-        if let Some(t) = self.ckpt.get(&name).filter(|t| t.dtype == StoredDtype::F8E4M3) {
+    /// The nn.Linear weight `[out, inp]` of child module `module`, in whichever form is
+    /// stored: float `weight` (compute-dtype rules), FP8 `weight` (F8_E4M3) with
+    /// `weight_scale` (`[out, 1]` or `[out]`), or int4 `weight_packed` (U8
+    /// `[out, ceil(inp/2)]`) with `weight_scale` (`[out, ceil(inp/128)]`).
+    pub fn linear(&self, module: &str, out: usize, inp: usize) -> Result<Weight, ModelError> {
+        let m = self.pp(module);
+        let packed_name = m.path("weight_packed");
+        let scale_name = m.path("weight_scale");
+        if let Some(t) = self.ckpt.get(&m.path("weight")).filter(|t| t.dtype == StoredDtype::F8E4M3) {
             check_shape(&t, &[out, inp])?;
             let scales = self.f32_buf(&scale_name, &[vec![out, 1], vec![out]])?;
             let (map, range) = t.map()?;
@@ -240,10 +268,10 @@ impl<'c> WeightLoader<'c> {
             let (map, range) = t.map()?;
             return Ok(Weight { shape: vec![out, inp], storage: Storage::Int4 { map, range, scales } });
         }
-        self.weight(&name, &[out, inp])
+        m.weight("weight", &[out, inp])
     }
 
-    /// A float tensor of one of `shapes` as f32: mapped when stored as aligned F32.
+    /// A float tensor (full name) of one of `shapes` as f32: mapped when stored as aligned F32.
     fn f32_buf(&self, name: &str, shapes: &[Vec<usize>]) -> Result<F32Buf, ModelError> {
         let t = self
             .ckpt
@@ -271,7 +299,7 @@ impl<'c> WeightLoader<'c> {
         })
     }
 
-    /// A small tensor (norm weights) widened to an owned f32 vector.
+    /// A small tensor of this scope (norm weights) widened to an owned f32 vector.
     pub fn vector_f32(&self, name: &str, len: usize) -> Result<Vec<f32>, ModelError> {
         let t = self.slice(name, &[len])?;
         let bytes = t.read()?;

@@ -23,7 +23,7 @@ use half::bf16;
 use herd_kernels::cpu::attention::{self, AttnHeads, AttnMask, KvHistory};
 use herd_kernels::cpu::matmul;
 
-const PREFIX: &str = "vision_model.";
+const TOWER: &str = "vision_model";
 const PROJECTOR: &str = "multi_modal_projector.linear_1.weight";
 
 #[derive(Debug)]
@@ -33,11 +33,8 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
-    fn load(w: &WeightLoader<'_>, prefix: &str, dim: usize) -> Result<Self, ModelError> {
-        Ok(Self {
-            weight: w.vector_f32(&format!("{prefix}.weight"), dim)?,
-            bias: w.vector_f32(&format!("{prefix}.bias"), dim)?,
-        })
+    fn load(w: &WeightLoader<'_>, dim: usize) -> Result<Self, ModelError> {
+        Ok(Self { weight: w.vector_f32("weight", dim)?, bias: w.vector_f32("bias", dim)? })
     }
 
     /// nn.LayerNorm over rows of `x`, biased variance, into `out`.
@@ -62,9 +59,9 @@ struct Linear {
 }
 
 impl Linear {
-    fn load(w: &WeightLoader<'_>, prefix: &str, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
-        let weight = w.weight(&format!("{prefix}.weight"), &[out, inp])?;
-        let bias = if bias { Some(w.vector_f32(&format!("{prefix}.bias"), out)?) } else { None };
+    fn load(w: &WeightLoader<'_>, out: usize, inp: usize, bias: bool) -> Result<Self, ModelError> {
+        let weight = w.weight("weight", &[out, inp])?;
+        let bias = if bias { Some(w.vector_f32("bias", out)?) } else { None };
         Ok(Self { weight, bias })
     }
 
@@ -119,47 +116,46 @@ pub struct VisionModel {
 impl VisionModel {
     /// Load `vision_model.*` and `multi_modal_projector.*` from a checkpoint.
     pub fn load(ckpt: &Checkpoint, config: &VisionConfig, compute: ComputeDtype) -> Result<Self, ModelError> {
-        let w = WeightLoader::new(ckpt, compute);
+        let root = WeightLoader::new(ckpt, compute);
+        let w = root.pp(TOWER);
         let c = config;
         let (h, p) = (c.hidden_size, c.patch_size);
         let n = c.grid() * c.grid();
-        let patch = w.weight(&format!("{PREFIX}patch_embedding.linear.weight"), &[h, c.num_channels * p * p])?;
-        let pos = w.weight(&format!("{PREFIX}positional_embedding_vlm"), &[n + 1, h])?;
+        let patch = w.weight("patch_embedding.linear.weight", &[h, c.num_channels * p * p])?;
+        let pos = w.weight("positional_embedding_vlm", &[n + 1, h])?;
         let mut position = vec![0.0f32; (n + 1) * h];
         pos.matrix().elems.to_f32_into(&mut position);
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let l = format!("{PREFIX}model.layers.{i}");
+            let l = w.pp("model.layers").pp(i);
+            let (attn, mlp) = (l.pp("self_attn"), l.pp("mlp"));
             layers.push(EncoderLayer {
-                input_norm: LayerNorm::load(&w, &format!("{l}.input_layernorm"), h)?,
-                post_norm: LayerNorm::load(&w, &format!("{l}.post_attention_layernorm"), h)?,
-                q: Linear::load(&w, &format!("{l}.self_attn.q_proj"), h, h, true)?,
-                k: Linear::load(&w, &format!("{l}.self_attn.k_proj"), h, h, true)?,
-                v: Linear::load(&w, &format!("{l}.self_attn.v_proj"), h, h, true)?,
-                o: Linear::load(&w, &format!("{l}.self_attn.o_proj"), h, h, true)?,
-                fc1: Linear::load(&w, &format!("{l}.mlp.fc1"), c.intermediate_size, h, true)?,
-                fc2: Linear::load(&w, &format!("{l}.mlp.fc2"), h, c.intermediate_size, true)?,
+                input_norm: LayerNorm::load(&l.pp("input_layernorm"), h)?,
+                post_norm: LayerNorm::load(&l.pp("post_attention_layernorm"), h)?,
+                q: Linear::load(&attn.pp("q_proj"), h, h, true)?,
+                k: Linear::load(&attn.pp("k_proj"), h, h, true)?,
+                v: Linear::load(&attn.pp("v_proj"), h, h, true)?,
+                o: Linear::load(&attn.pp("o_proj"), h, h, true)?,
+                fc1: Linear::load(&mlp.pp("fc1"), c.intermediate_size, h, true)?,
+                fc2: Linear::load(&mlp.pp("fc2"), h, c.intermediate_size, true)?,
             });
         }
-        let adapter = format!("{PREFIX}vision_adapter.mlp");
+        let adapter = w.pp("vision_adapter.mlp");
         let (cos, sin) = rope_table(c);
         Ok(Self {
             config: c.clone(),
             patch,
-            class: w.vector_f32(&format!("{PREFIX}class_embedding"), h)?,
+            class: w.vector_f32("class_embedding", h)?,
             position,
-            pre_norm: LayerNorm::load(&w, &format!("{PREFIX}layernorm_pre"), h)?,
-            post_norm: LayerNorm::load(&w, &format!("{PREFIX}layernorm_post"), h)?,
+            pre_norm: LayerNorm::load(&w.pp("layernorm_pre"), h)?,
+            post_norm: LayerNorm::load(&w.pp("layernorm_post"), h)?,
             layers,
-            adapter_fc1: Linear::load(&w, &format!("{adapter}.fc1"), c.projector_input_dim, 4 * h, false)?,
-            adapter_fc2: Linear::load(
-                &w,
-                &format!("{adapter}.fc2"),
-                c.projector_output_dim,
-                c.projector_input_dim,
-                false,
-            )?,
-            projector: Linear { weight: w.weight(PROJECTOR, &[c.text_hidden_size, c.vision_output_dim])?, bias: None },
+            adapter_fc1: Linear::load(&adapter.pp("fc1"), c.projector_input_dim, 4 * h, false)?,
+            adapter_fc2: Linear::load(&adapter.pp("fc2"), c.projector_output_dim, c.projector_input_dim, false)?,
+            projector: Linear {
+                weight: root.weight(PROJECTOR, &[c.text_hidden_size, c.vision_output_dim])?,
+                bias: None,
+            },
             cos,
             sin,
         })
@@ -167,7 +163,7 @@ impl VisionModel {
 
     /// Whether `ckpt` holds a vision tower.
     pub fn present(ckpt: &Checkpoint) -> bool {
-        ckpt.contains(&format!("{PREFIX}patch_embedding.linear.weight")) && ckpt.contains(PROJECTOR)
+        ckpt.contains(&format!("{TOWER}.patch_embedding.linear.weight")) && ckpt.contains(PROJECTOR)
     }
 
     pub fn config(&self) -> &VisionConfig {
