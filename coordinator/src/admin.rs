@@ -130,12 +130,12 @@ async fn status(State(s): State<AdminState>, headers: HeaderMap) -> Response {
                 "verdict": w.verdict,
                 "reason": w.reason,
                 "data_addr": w.data_addr,
-                "device": w.device,
+                "device": w.device.to_string(),
                 "connected": v.is_some_and(|v| v.connected),
                 "serving_epoch": v.map(|v| v.status.epoch),
-                "running": v.map(|v| v.status.running),
-                "waiting": v.map(|v| v.status.waiting),
-                "kv_usage": v.map(|v| v.status.kv_usage),
+                "running": v.map(|v| v.status.load.running),
+                "waiting": v.map(|v| v.status.load.waiting),
+                "kv_usage": v.map(|v| v.status.load.kv_usage),
             })
         })
         .collect();

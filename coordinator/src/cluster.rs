@@ -6,6 +6,7 @@
 //! never pass through here; only membership, the model, worker registrations and verdicts,
 //! and placement epochs (with a bounded audit trail) do.
 
+use herd_worker::control::WorkerDevice;
 use herd_worker::placement::{MoeShape, Placement};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -66,7 +67,7 @@ pub struct WorkerRecord {
     /// Data-plane (all-to-all) address.
     pub data_addr: SocketAddr,
     pub memory_bytes: u64,
-    pub device: String,
+    pub device: WorkerDevice,
     pub verdict: Verdict,
     /// Why the verdict last changed.
     pub reason: String,
@@ -110,7 +111,7 @@ pub enum ClusterCommand {
         name: String,
         data_addr: SocketAddr,
         memory_bytes: u64,
-        device: String,
+        device: WorkerDevice,
         fingerprint: String,
     },
     SetVerdict {
@@ -301,7 +302,7 @@ mod tests {
             name: name.into(),
             data_addr: format!("127.0.0.1:{port}").parse().expect("addr"),
             memory_bytes: 1 << 30,
-            device: "cpu".into(),
+            device: WorkerDevice::Cpu,
             fingerprint: "abc".into(),
         }
     }

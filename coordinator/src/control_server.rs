@@ -10,7 +10,7 @@ use crate::raft::RaftHandle;
 use crate::scheduler::Scheduler;
 use crate::state_machine::{ClusterMachine, decode_outcome, encode_command};
 use herd_net::{Channel, FrameCodec};
-use herd_worker::control::{FromWorker, ToWorker};
+use herd_worker::control::{CONTROL_VERSION, FromWorker, ToWorker};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -44,6 +44,14 @@ async fn session(
         Ok(Some(FromWorker::Hello(h))) => h,
         other => return Err(format!("expected a hello, got {other:?}")),
     };
+    if hello.version != CONTROL_VERSION {
+        let reason = format!(
+            "worker {} speaks control version {}, this coordinator {CONTROL_VERSION}; run the same herd on both",
+            hello.name, hello.version
+        );
+        let _ = tx.send(&ToWorker::Refused { reason: reason.clone() }).await;
+        return Err(reason);
+    }
     let cmd = ClusterCommand::RegisterWorker {
         name: hello.name.clone(),
         data_addr: hello.data_addr,
@@ -85,6 +93,9 @@ async fn session(
                 if !scheduler.relay_nccl_id(worker, epoch, id) {
                     tracing::warn!(worker, epoch, "dropped an NCCL id that is not from rank 0 of the current epoch");
                 }
+            }
+            Ok(Some(FromWorker::Stats(s))) => {
+                tracing::debug!(worker, steps = s.steps, bytes_sent = s.bytes_sent, "worker left a group cleanly");
             }
             Ok(Some(FromWorker::Hello(_))) => {}
             Ok(None) => break Ok(()),

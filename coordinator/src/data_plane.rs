@@ -5,8 +5,7 @@
 //! judged by (data-plane IP, CUDA ordinal): two workers of one host on the same GPU cannot share
 //! an NCCL communicator (NCCL refuses duplicate GPUs), so such a group falls back to TCP.
 
-use herd_kernels::device::Device;
-use herd_worker::control::DataPlane;
+use herd_worker::control::{DataPlane, WorkerDevice};
 use std::collections::HashSet;
 use std::net::SocketAddr;
 
@@ -29,9 +28,9 @@ impl DataPlanePolicy {
         }
     }
 
-    /// The data plane of a group whose members registered these data addresses and devices
-    /// (`cpu`, or `cuda:N (product name)` as the worker describes it), in rank order.
-    pub fn choose<'a>(self, members: impl IntoIterator<Item = (SocketAddr, &'a str)>) -> DataPlane {
+    /// The data plane of a group whose members registered these data addresses and devices,
+    /// in rank order.
+    pub fn choose<'a>(self, members: impl IntoIterator<Item = (SocketAddr, &'a WorkerDevice)>) -> DataPlane {
         if self == DataPlanePolicy::Tcp {
             return DataPlane::Tcp;
         }
@@ -39,11 +38,7 @@ impl DataPlanePolicy {
         let mut count = 0usize;
         for (addr, device) in members {
             count += 1;
-            // The worker appends the product name after a space: `cuda:3 (NVIDIA H100 80GB HBM3)`.
-            let ordinal = match device.split_whitespace().next().map(str::parse::<Device>) {
-                Some(Ok(Device::Cuda(n))) => n,
-                _ => return DataPlane::Tcp,
-            };
+            let Some(ordinal) = device.cuda_ordinal() else { return DataPlane::Tcp };
             if !gpus.insert((addr.ip(), ordinal)) {
                 return DataPlane::Tcp;
             }
@@ -60,28 +55,24 @@ mod tests {
         s.parse().expect("addr")
     }
 
+    fn gpu(ordinal: usize, name: &str) -> WorkerDevice {
+        WorkerDevice::Cuda { ordinal, name: name.into() }
+    }
+
     #[test]
     fn nccl_only_when_every_member_has_a_gpu_of_its_own() {
         let auto = DataPlanePolicy::Auto;
-        let dgx = [
-            (addr("10.0.0.1:9000"), "cuda:0 (NVIDIA H100 80GB HBM3)"),
-            (addr("10.0.0.1:9001"), "cuda:1 (NVIDIA H100 80GB HBM3)"),
-        ];
+        let h100 = "NVIDIA H100 80GB HBM3";
+        let (g0, g1, cpu) = (gpu(0, h100), gpu(1, h100), WorkerDevice::Cpu);
+        let dgx = [(addr("10.0.0.1:9000"), &g0), (addr("10.0.0.1:9001"), &g1)];
         assert_eq!(auto.choose(dgx), DataPlane::Nccl);
         // Same ordinal on two hosts: two GPUs.
-        assert_eq!(
-            auto.choose([(addr("10.0.0.1:9000"), "cuda:0"), (addr("10.0.0.2:9000"), "cuda:0")]),
-            DataPlane::Nccl
-        );
+        assert_eq!(auto.choose([(addr("10.0.0.1:9000"), &g0), (addr("10.0.0.2:9000"), &g0)]), DataPlane::Nccl);
         // Two workers sharing one GPU (serve --workers 2 on a one-GPU host).
-        assert_eq!(
-            auto.choose([(addr("127.0.0.1:9000"), "cuda:0 (H100)"), (addr("127.0.0.1:9001"), "cuda:0 (H100)")]),
-            DataPlane::Tcp
-        );
-        // Any CPU member, an unknown device string, or a group of one.
-        assert_eq!(auto.choose([(addr("10.0.0.1:9000"), "cuda:0"), (addr("10.0.0.2:9000"), "cpu")]), DataPlane::Tcp);
-        assert_eq!(auto.choose([(addr("10.0.0.1:9000"), "cuda:0"), (addr("10.0.0.2:9000"), "")]), DataPlane::Tcp);
-        assert_eq!(auto.choose([(addr("10.0.0.1:9000"), "cuda:0")]), DataPlane::Tcp);
+        assert_eq!(auto.choose([(addr("127.0.0.1:9000"), &g0), (addr("127.0.0.1:9001"), &g0)]), DataPlane::Tcp);
+        // Any CPU member, or a group of one.
+        assert_eq!(auto.choose([(addr("10.0.0.1:9000"), &g0), (addr("10.0.0.2:9000"), &cpu)]), DataPlane::Tcp);
+        assert_eq!(auto.choose([(addr("10.0.0.1:9000"), &g0)]), DataPlane::Tcp);
         assert_eq!(DataPlanePolicy::Tcp.choose(dgx), DataPlane::Tcp);
     }
 }

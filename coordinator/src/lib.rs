@@ -20,7 +20,7 @@
 
 pub mod admin;
 pub mod api;
-pub mod backend;
+pub mod blocking;
 pub mod cluster;
 pub mod control_server;
 pub mod data_plane;

@@ -635,7 +635,8 @@ async fn the_local_service_refuses_past_max_in_flight() {
     let ids = chat_ids(&frontend, "Busy");
     let mut params = greedy(4000);
     params.ignore_eos = true;
-    let mut busy = service.submit(ids, Vec::new(), params).expect("the first request fits");
+    let submission = herd_coordinator::api::Submission { prompt: ids, params, ..Default::default() };
+    let mut busy = service.submit(submission).expect("the first request fits");
     busy.admitted().await.expect("admitted");
     let (status, headers, text) = send(&state, post("/v1/chat/completions", &chat("Hi", json!({})))).await;
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{text}");

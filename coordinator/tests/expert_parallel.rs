@@ -7,9 +7,11 @@
 //!   they exit, instead of hanging.
 
 use herd_coordinator::local_cluster::{ClusterOptions, LocalCluster, WorkerMsg};
-use herd_worker::control::{Command, Report};
+use herd_worker::control::{FromWorker, ToWorker};
 use herd_worker::engine::request::{Event, Request};
 use herd_worker::engine::sampler::SamplingParams;
+use herd_worker::frontend::Frontend;
+use herd_worker::placement::{MoeShape, Placement};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command as Process;
@@ -100,16 +102,20 @@ fn sixteen_mixed_requests_over_workers_match_each_run_alone() {
 #[test]
 fn killing_a_worker_mid_generation_fails_the_others_within_the_deadline() {
     let deadline_ms = 700;
+    let model_dir = golden("scout").join("model");
+    let text = Frontend::load(&model_dir).expect("the golden scout checkpoint").config.text;
+    let shape = MoeShape { moe_layers: text.moe_layers(), experts: text.num_local_experts };
     let opts = ClusterOptions {
         exe: PathBuf::from(env!("CARGO_BIN_EXE_herd")),
         workers: 3,
-        model_dir: golden("scout").join("model"),
-        worker_args: ["--dtype", "f32", "--kv-cache-bytes", "64M", "--step-timeout-ms", &deadline_ms.to_string()]
-            .map(String::from)
-            .to_vec(),
+        model_dir,
+        placement: Placement::round_robin(3, &shape),
+        step_timeout: Duration::from_millis(deadline_ms),
+        worker_args: ["--dtype", "f32", "--kv-cache-bytes", "64M"].map(String::from).to_vec(),
         rank_args: Vec::new(),
         threads: Some(1),
         start_timeout: Duration::from_secs(60),
+        observe: true,
     };
     let mut cluster = LocalCluster::start(&opts).expect("start");
     for rank in 0..3 {
@@ -117,15 +123,17 @@ fn killing_a_worker_mid_generation_fails_the_others_within_the_deadline() {
             SamplingParams { temperature: 0.0, max_tokens: 20_000, ignore_eos: true, ..SamplingParams::default() };
         let req =
             Request { id: rank as u64, prompt: vec![10, 20, 30], params, prompt_logits: false, images: Vec::new() };
-        cluster.send(rank, &Command::Submit(req)).expect("submit");
+        cluster.send(rank, ToWorker::Submit(req)).expect("submit");
     }
     // Let every request produce tokens, then kill worker 1.
     let mut tokens = [0usize; 3];
     while tokens.iter().any(|&t| t < 5) {
         match cluster.recv(Duration::from_secs(30)).expect("tokens flow") {
-            (rank, WorkerMsg::Report(Report::Event(Event::Token { .. }))) => tokens[rank] += 1,
-            (rank, WorkerMsg::Report(Report::Rejected { reason, .. })) => panic!("worker {rank} rejected: {reason}"),
-            (_, WorkerMsg::Report(_)) => {}
+            (rank, WorkerMsg::Message(FromWorker::Event(Event::Token { .. }))) => tokens[rank] += 1,
+            (rank, WorkerMsg::Message(FromWorker::Rejected { reason, .. })) => {
+                panic!("worker {rank} rejected: {reason}")
+            }
+            (_, WorkerMsg::Message(_)) => {}
             (rank, WorkerMsg::Closed) => panic!("worker {rank} exited early"),
         }
     }
@@ -137,14 +145,14 @@ fn killing_a_worker_mid_generation_fails_the_others_within_the_deadline() {
             panic!("survivors did not exit: aborted {aborted:?}, fatal {fatal:?}, closed {closed:?}");
         };
         match msg {
-            WorkerMsg::Report(Report::Event(Event::Aborted { reason, .. })) => {
+            WorkerMsg::Message(FromWorker::Event(Event::Aborted { reason, .. })) => {
                 let error = reason.to_string();
                 assert!(error.contains("rank 1") || error.contains("lost") || error.contains("deadline"), "{error}");
                 aborted[rank] = true;
             }
-            WorkerMsg::Report(Report::Fatal { .. }) => fatal[rank] = true,
+            WorkerMsg::Message(FromWorker::GroupFailed { .. }) => fatal[rank] = true,
             WorkerMsg::Closed => closed[rank] = true,
-            WorkerMsg::Report(_) => {}
+            WorkerMsg::Message(_) => {}
         }
     }
     let took = killed_at.elapsed();

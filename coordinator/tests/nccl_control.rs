@@ -90,7 +90,7 @@ async fn carry(id: NcclId) -> ToWorker {
         name: "worker-1".into(),
         data_addr: "127.0.0.1:1".parse().expect("addr"),
         memory_bytes: 0,
-        device: "cuda:0".into(),
+        device: herd_worker::control::WorkerDevice::Cuda { ordinal: 0, name: String::new() },
         fingerprint: String::new(),
         version: herd_worker::control::CONTROL_VERSION,
     };

@@ -27,7 +27,7 @@ use crate::NetError;
 /// The start of every frame.
 pub const MAGIC: [u8; 4] = *b"HRDC";
 /// The version of herd's message protocol. Bump it when any message type changes shape.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// Bytes in a frame header.
 pub const HEADER_LEN: usize = 10;
 /// The default payload limit: ample for control messages.

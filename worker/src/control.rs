@@ -1,69 +1,25 @@
-//! The control channel between a worker and whoever drives it: requests and cancellations
-//! in, engine events and worker status out.
+//! The control channel between a worker and whoever drives it: the one vocabulary of both
+//! modes.
 //!
-//! The messages are serde values; today they travel as JSON lines over the worker process's
-//! stdin/stdout (how `herd eval --workers N` and `herd generate --workers N` drive local
-//! worker processes). The coordinator's QUIC control channel carries the same messages.
+//! [`ToWorker`] goes down (registration answers, placement assignments, requests,
+//! cancellations, shutdown) and [`FromWorker`] comes up (hello, heartbeats, request events,
+//! group failures, statistics). A coordinator-managed worker speaks it in bincode frames over
+//! a QUIC channel to each coordinator; a static group's worker (`herd worker --rank/--world`)
+//! speaks it as JSON lines on stdin/stdout to the process that started it, which plays the
+//! coordinator's part ([`read_message`], [`write_message`]).
 
+use crate::engine::Load;
 use crate::engine::request::{Event, Rejection, Request, RequestId};
+use herd_kernels::device::Device;
 use serde::{Deserialize, Serialize};
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 
 /// Bumped when a message changes shape; both ends must agree.
-pub const CONTROL_VERSION: u32 = 2;
+pub const CONTROL_VERSION: u32 = 3;
 
 /// Largest control line accepted (a prompt of a million tokens fits easily).
 pub const MAX_LINE_BYTES: usize = 64 << 20;
-
-/// Driver → worker.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Command {
-    /// The data-plane addresses of every rank (only when the worker was started without them).
-    Peers {
-        addrs: Vec<SocketAddr>,
-    },
-    Submit(Request),
-    Cancel {
-        id: RequestId,
-    },
-    /// Finish running requests, then leave the group together with every other worker.
-    Shutdown,
-    /// Leave the group now: every request ends with this reason (a new placement epoch).
-    Leave {
-        reason: String,
-    },
-}
-
-/// Worker → driver.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Report {
-    /// The data-plane listener is bound (sent before `Peers` is awaited).
-    Listening {
-        addr: SocketAddr,
-        version: u32,
-    },
-    /// Model loaded and the group connected: requests may be submitted.
-    Ready {
-        rank: usize,
-        world: usize,
-        local_experts: usize,
-        weight_bytes: usize,
-    },
-    Event(Event),
-    Rejected {
-        id: RequestId,
-        reason: Rejection,
-    },
-    /// The worker is exiting because of this error (its requests got `Aborted` events first).
-    Fatal {
-        error: String,
-    },
-    /// Data-plane statistics, sent once when the worker leaves the group cleanly.
-    Stats(WorkerStats),
-}
 
 /// What one worker measured over its life in the group.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -112,11 +68,13 @@ pub enum FromWorker {
         error: String,
     },
     /// Rank 0 of `epoch` created the group's NCCL unique id; the coordinator relays it to the
-    /// other members as [`ToWorker::NcclId`]. Last variant, so the others' bincode tags stay.
+    /// other members as [`ToWorker::NcclId`].
     NcclId {
         epoch: u64,
         id: NcclId,
     },
+    /// What the worker measured in the group of an epoch, sent when that group ends cleanly.
+    Stats(WorkerStats),
 }
 
 /// Who a worker is and what it brings.
@@ -125,10 +83,86 @@ pub struct WorkerHello {
     pub name: String,
     pub data_addr: SocketAddr,
     pub memory_bytes: u64,
-    pub device: String,
+    pub device: WorkerDevice,
     /// Hash of the checkpoint's config.json (must match the cluster's model).
     pub fingerprint: String,
     pub version: u32,
+}
+
+/// The device a worker's engine runs on, as it registers it (the coordinator picks each
+/// group's data plane from these). It travels, and sits in the replicated cluster state, as
+/// the string admins read (`cpu`, `cuda:3 (NVIDIA H100 80GB HBM3)`), parsed once on arrival.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum WorkerDevice {
+    Cpu,
+    Cuda {
+        ordinal: usize,
+        /// The product name, for people (`NVIDIA H100 80GB HBM3`); empty if unknown.
+        name: String,
+    },
+}
+
+impl WorkerDevice {
+    /// `device` as this machine reports it (a GPU's product name from the driver).
+    pub fn probe(device: Device) -> Self {
+        match device {
+            Device::Cpu => WorkerDevice::Cpu,
+            Device::Cuda(ordinal) => {
+                let name = herd_kernels::device::probe(device).map(|info| info.name).unwrap_or_default();
+                WorkerDevice::Cuda { ordinal, name }
+            }
+        }
+    }
+
+    /// The CUDA ordinal, for a GPU worker.
+    pub fn cuda_ordinal(&self) -> Option<usize> {
+        match self {
+            WorkerDevice::Cpu => None,
+            WorkerDevice::Cuda { ordinal, .. } => Some(*ordinal),
+        }
+    }
+}
+
+/// `cpu`, or `cuda:N (NVIDIA H100 80GB HBM3)`: what admins see in the worker list.
+impl std::fmt::Display for WorkerDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkerDevice::Cpu => f.write_str("cpu"),
+            WorkerDevice::Cuda { ordinal, name } if name.is_empty() => write!(f, "cuda:{ordinal}"),
+            WorkerDevice::Cuda { ordinal, name } => write!(f, "cuda:{ordinal} ({name})"),
+        }
+    }
+}
+
+impl std::str::FromStr for WorkerDevice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (device, name) = match s.split_once(" (") {
+            Some((device, rest)) => {
+                let name = rest.strip_suffix(')').ok_or_else(|| format!("{s:?}: the device name lacks its `)`"))?;
+                (device, name)
+            }
+            None => (s, ""),
+        };
+        match device.parse::<Device>().map_err(|e| format!("{s:?}: {e}"))? {
+            Device::Cpu if name.is_empty() => Ok(WorkerDevice::Cpu),
+            Device::Cpu => Err(format!("{s:?}: a CPU has no device name")),
+            Device::Cuda(ordinal) => Ok(WorkerDevice::Cuda { ordinal, name: name.to_owned() }),
+        }
+    }
+}
+
+impl Serialize for WorkerDevice {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkerDevice {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 /// A worker's load and group state, sent as its heartbeat.
@@ -138,10 +172,7 @@ pub struct WorkerStatus {
     pub epoch: u64,
     /// Whether that group is up (formed and stepping).
     pub serving: bool,
-    pub running: usize,
-    pub waiting: usize,
-    /// Share of the KV cache reserved (0..1).
-    pub kv_usage: f64,
+    pub load: Load,
 }
 
 /// Coordinator → worker.
@@ -165,12 +196,14 @@ pub enum ToWorker {
     },
     /// The NCCL unique id of the group of `epoch`, for a data plane over NCCL. Rank 0 creates it
     /// (it runs NCCL's bootstrap root) and the coordinator relays it to the other members, so it
-    /// only ever crosses the authenticated control channel. Last variant, so that the bincode
-    /// tags of the others are unchanged.
+    /// only ever crosses the authenticated control channel.
     NcclId {
         epoch: u64,
         id: NcclId,
     },
+    /// Finish the running requests, leave the group together with its other members, and
+    /// stop (a static group's driver sends it, or closes the channel, when it is done).
+    Shutdown,
 }
 
 /// NCCL's 128-byte `ncclUniqueId`: the address of the group's bootstrap root plus a random magic.
@@ -321,27 +354,42 @@ mod tests {
 
     #[test]
     fn messages_round_trip_as_json_lines() {
-        let cmds = vec![
-            Command::Peers { addrs: vec!["127.0.0.1:9000".parse().expect("addr")] },
-            Command::Submit(Request {
+        let msgs = vec![
+            ToWorker::Welcome { worker_id: 1, coordinator_id: 0 },
+            ToWorker::Submit(Request {
                 id: 7,
                 prompt: vec![1, 2],
                 params: SamplingParams::default(),
                 prompt_logits: true,
                 images: Vec::new(),
             }),
-            Command::Cancel { id: 7 },
-            Command::Shutdown,
+            ToWorker::Cancel { id: 7 },
+            ToWorker::Shutdown,
         ];
         let mut buf = Vec::new();
-        for c in &cmds {
-            write_message(&mut buf, c).expect("write");
+        for m in &msgs {
+            write_message(&mut buf, m).expect("write");
         }
         let mut input = std::io::Cursor::new(buf);
-        for c in &cmds {
-            assert_eq!(&read_message::<Command>(&mut input).expect("read"), c);
+        for m in &msgs {
+            assert_eq!(&read_message::<ToWorker>(&mut input).expect("read"), m);
         }
-        assert!(matches!(read_message::<Command>(&mut input), Err(ControlError::Closed)));
+        assert!(matches!(read_message::<ToWorker>(&mut input), Err(ControlError::Closed)));
+    }
+
+    #[test]
+    fn devices_print_as_admins_read_them() {
+        assert_eq!(WorkerDevice::Cpu.to_string(), "cpu");
+        let h100 = WorkerDevice::Cuda { ordinal: 3, name: "NVIDIA H100 80GB HBM3".into() };
+        assert_eq!(h100.to_string(), "cuda:3 (NVIDIA H100 80GB HBM3)");
+        assert_eq!(WorkerDevice::Cuda { ordinal: 0, name: String::new() }.to_string(), "cuda:0");
+        assert_eq!((h100.cuda_ordinal(), WorkerDevice::Cpu.cuda_ordinal()), (Some(3), None));
+        for d in [WorkerDevice::Cpu, h100, WorkerDevice::Cuda { ordinal: 1, name: String::new() }] {
+            assert_eq!(d.to_string().parse::<WorkerDevice>(), Ok(d.clone()));
+            let json = serde_json::to_string(&d).expect("serialize");
+            assert_eq!(serde_json::from_str::<WorkerDevice>(&json).expect("deserialize"), d);
+        }
+        assert!("gpu".parse::<WorkerDevice>().is_err() && "cpu (x)".parse::<WorkerDevice>().is_err());
     }
 
     #[test]
@@ -365,7 +413,7 @@ mod tests {
     #[test]
     fn garbage_is_an_error_not_a_panic() {
         let mut input = std::io::Cursor::new(b"{\"submit\": 3}\nnot json\n".to_vec());
-        assert!(matches!(read_message::<Command>(&mut input), Err(ControlError::Bad(_))));
-        assert!(matches!(read_message::<Command>(&mut input), Err(ControlError::Bad(_))));
+        assert!(matches!(read_message::<ToWorker>(&mut input), Err(ControlError::Bad(_))));
+        assert!(matches!(read_message::<ToWorker>(&mut input), Err(ControlError::Bad(_))));
     }
 }

@@ -74,6 +74,11 @@ impl EpRunner {
         self.transport.as_mut()
     }
 
+    /// The data plane's counters since the group formed.
+    pub fn transport_stats(&self) -> crate::transport::TransportStats {
+        self.transport.stats()
+    }
+
     pub fn rank(&self) -> usize {
         self.transport.rank()
     }

@@ -39,7 +39,6 @@
 //! [`engine::sampler`] and [`engine::stop`] rules turn logits into tokens and text, which
 //! leave as [`engine::request::Event`]s ([`control::Report`]s from a worker process).
 
-pub mod agent;
 pub mod chat_template;
 pub mod control;
 pub mod engine;
@@ -48,10 +47,10 @@ pub mod frontend;
 #[cfg(feature = "cuda")]
 pub mod gpu;
 pub mod kv_cache;
-pub mod lockstep;
 pub mod model;
 pub mod placement;
 pub mod quantize;
+pub mod runtime;
 pub mod synth;
 pub mod tokenizer;
 pub mod transport;

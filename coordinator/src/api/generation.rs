@@ -7,7 +7,7 @@ use super::errors::ApiError;
 use super::logprobs::LogprobEntry;
 use super::metrics::RequestTracker;
 use super::openai::Usage;
-use super::service::EventStream;
+use super::service::{EventStream, Submission};
 use super::validation::ValidRequest;
 use futures::StreamExt;
 use herd_worker::engine::request::Event;
@@ -93,7 +93,9 @@ pub(crate) async fn launch(state: &ApiState, valid: &ValidRequest, arrived: Inst
             // vLLM's rule for parallel sampling: choice j of a seeded request uses seed + j, so
             // the choices differ but the whole response is reproducible.
             params.seed = params.seed.map(|s| s.wrapping_add(j as u64));
-            let events = state.service().submit(prompt.ids.clone(), prompt.images.clone(), params)?;
+            let submission =
+                Submission { prompt: prompt.ids.clone(), images: prompt.images.clone(), params, prompt_logits: false };
+            let events = state.service().submit(submission)?;
             let index = u32::try_from(p * valid.n + j).unwrap_or(u32::MAX);
             pending.push((index, p, prompt.echo.clone(), events));
         }

@@ -105,7 +105,7 @@ impl Metrics {
     pub fn render(&self, load: Load) -> prometheus::Result<String> {
         self.running.set(i64::try_from(load.running).unwrap_or(i64::MAX));
         self.waiting.set(i64::try_from(load.waiting).unwrap_or(i64::MAX));
-        self.kv_cache_usage.set(load.kv_cache_usage);
+        self.kv_cache_usage.set(load.kv_usage);
         TextEncoder::new().encode_to_string(&self.registry.gather())
     }
 

@@ -35,7 +35,7 @@ mod sse;
 pub mod validation;
 
 pub use errors::ApiError;
-pub use service::{EventSender, EventStream, Health, InferenceService, Load, LocalService, ServiceError};
+pub use service::{EventSender, EventStream, Health, InferenceService, Load, LocalService, ServiceError, Submission};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};

@@ -11,6 +11,7 @@
 
 use futures::Stream;
 use herd_worker::engine::Engine;
+pub use herd_worker::engine::Load;
 use herd_worker::engine::request::{AbortReason, Event, Rejection, Request, RequestId};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::vision::PixelValues;
@@ -21,24 +22,36 @@ use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::task::{Context, Poll};
 use tokio::sync::mpsc;
 
-/// Where validated requests go (the coordinator's scheduler implements it over worker control
-/// channels; an in-process engine implements it for `herd serve --workers 0` and for tests).
+/// Where validated requests go: the coordinator's scheduler over worker control channels (the
+/// API of a cluster, and `herd generate|eval|bench --workers N` over a static group), or an
+/// engine in this process ([`LocalService`]: `--workers 0`, and tests).
 pub trait InferenceService: Send + Sync + 'static {
     /// Start a request; events arrive on the returned stream until a final event
     /// (`Finished`/`Aborted`). Refusals known at once are errors here; refusals that only the
     /// engine can make arrive through [`EventStream::admitted`]. Dropping the stream cancels the
     /// request.
-    /// `images` are the prompt's preprocessed images, in the order of its image blocks.
-    fn submit(
-        &self,
-        prompt: Vec<u32>,
-        images: Vec<PixelValues>,
-        params: SamplingParams,
-    ) -> Result<EventStream, ServiceError>;
+    fn submit(&self, submission: Submission) -> Result<EventStream, ServiceError>;
     /// For `/health`: ok when every worker is up on the current placement epoch.
     fn health(&self) -> Health;
     /// For the `/metrics` gauges.
     fn load(&self) -> Load;
+}
+
+/// A tokenized request, before the service gives it an id.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Submission {
+    pub prompt: Vec<u32>,
+    /// The prompt's preprocessed images, in the order of its image blocks.
+    pub images: Vec<PixelValues>,
+    pub params: SamplingParams,
+    /// Also report the prompt's per-position argmax and last logits (`herd eval`).
+    pub prompt_logits: bool,
+}
+
+impl Submission {
+    pub fn into_request(self, id: RequestId) -> Request {
+        Request { id, prompt: self.prompt, params: self.params, prompt_logits: self.prompt_logits, images: self.images }
+    }
 }
 
 /// Why a request could not be started.
@@ -64,15 +77,6 @@ pub struct Health {
     pub reason: Option<String>,
     /// A short JSON object for operators (workers, epoch, ...), merged into the response.
     pub detail: serde_json::Value,
-}
-
-/// The service's load, for the `/metrics` gauges.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Load {
-    pub running: usize,
-    pub waiting: usize,
-    /// Share of the KV cache in use, 0..=1.
-    pub kv_cache_usage: f64,
 }
 
 /// What travels from a service to one [`EventStream`].
@@ -284,12 +288,7 @@ impl Drop for LocalService {
 }
 
 impl InferenceService for LocalService {
-    fn submit(
-        &self,
-        prompt: Vec<u32>,
-        images: Vec<PixelValues>,
-        params: SamplingParams,
-    ) -> Result<EventStream, ServiceError> {
+    fn submit(&self, submission: Submission) -> Result<EventStream, ServiceError> {
         if let Some(reason) = self.shared.failure() {
             return Err(ServiceError::Unavailable { reason, retry_after_s: 5 });
         }
@@ -303,7 +302,7 @@ impl InferenceService for LocalService {
         let (events, stream) = EventStream::channel(move || {
             let _ = cancel.send(Command::Cancel(id));
         });
-        let request = Request { id, prompt, params, prompt_logits: false, images };
+        let request = submission.into_request(id);
         if self.commands.send(Command::Submit { request, events }).is_err() {
             self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             return Err(ServiceError::Unavailable { reason: "the engine thread has stopped".into(), retry_after_s: 5 });
@@ -328,7 +327,7 @@ impl InferenceService for LocalService {
         Load {
             running: self.shared.running.load(Ordering::Relaxed),
             waiting: self.shared.waiting.load(Ordering::Relaxed),
-            kv_cache_usage: f64::from_bits(self.shared.kv_usage_bits.load(Ordering::Relaxed)),
+            kv_usage: f64::from_bits(self.shared.kv_usage_bits.load(Ordering::Relaxed)),
         }
     }
 }

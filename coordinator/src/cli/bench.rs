@@ -8,12 +8,14 @@
 //! bandwidth (measured in the same run, after the model runs so that its buffer does not
 //! count in their peak RSS) over the weight bytes one decoded token reads.
 
-use super::engine_flags::{ClusterFlags, EngineFlags, make_backend};
+use super::engine_flags::{ClusterFlags, EngineFlags};
+use super::runner::Runner;
 use super::{membw, model_arg, sys};
 use anyhow::{Context, bail};
-use herd_coordinator::backend::Backend;
+use herd_coordinator::api::Submission;
+use herd_coordinator::blocking::BlockingClient;
 use herd_worker::control::WorkerStats;
-use herd_worker::engine::request::{Event, Request};
+use herd_worker::engine::request::Event;
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
@@ -115,19 +117,19 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
     let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
     let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
-    let mut backends: Vec<(usize, Box<dyn Backend>)> = Vec::new();
+    let mut runners: Vec<(usize, Runner)> = Vec::new();
     for &workers in &args.workers {
         let flags = ClusterFlags { workers, placement: args.placement.clone(), step_timeout_ms: 600_000 };
-        let backend = make_backend(&dir, &frontend, args.dtype, &args.engine, &flags)
+        let runner = Runner::start(&dir, &frontend, args.dtype, &args.engine, &flags)
             .with_context(|| format!("starting the {workers}-worker configuration"))?;
-        backends.push((workers, backend));
+        runners.push((workers, runner));
     }
     let vocab = frontend.config.text.vocab_size as u64;
     let mut next_id = 0u64;
-    let mut times: Vec<Vec<RunTimes>> = vec![Vec::new(); backends.len()];
+    let mut times: Vec<Vec<RunTimes>> = vec![Vec::new(); runners.len()];
     for round in 0..=args.runs {
-        for (i, (_, backend)) in backends.iter_mut().enumerate() {
-            let t = measure(backend.as_mut(), &args, vocab, &mut next_id)?;
+        for (i, (_, runner)) in runners.iter_mut().enumerate() {
+            let t = measure(&mut runner.client, &args, vocab, &mut next_id)?;
             // Round 0 warms caches and pages in weights.
             if round > 0 {
                 times[i].push(t);
@@ -135,8 +137,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
     }
     let mut configs = Vec::new();
-    for ((workers, mut backend), runs) in backends.into_iter().zip(times) {
-        let stats = backend.close();
+    for ((workers, runner), runs) in runners.into_iter().zip(times) {
+        let stats = runner.close();
         configs.push(summarise(workers, runs, &stats, &args));
     }
     // Mapping the model again costs no memory for weights stored in the compute dtype (it
@@ -179,29 +181,28 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
 /// One run: `batch` requests submitted together; prefill ends when every request has its
 /// first token, decode when every request has finished.
-fn measure(backend: &mut dyn Backend, args: &BenchArgs, vocab: u64, next_id: &mut u64) -> anyhow::Result<RunTimes> {
+fn measure(client: &mut BlockingClient, args: &BenchArgs, vocab: u64, next_id: &mut u64) -> anyhow::Result<RunTimes> {
     let params =
         SamplingParams { temperature: 0.0, max_tokens: args.gen_tokens, ignore_eos: true, ..Default::default() };
     let started = Instant::now();
-    let mut first: HashMap<u64, Duration> = HashMap::new();
-    for _ in 0..args.batch {
+    let mut first: HashMap<usize, Duration> = HashMap::new();
+    for key in 0..args.batch {
         let id = *next_id;
         *next_id += 1;
         let prompt =
             (0..args.prompt_tokens as u64).map(|j| ((j * 7919 + id * 104729) % (vocab - 300) + 100) as u32).collect();
-        backend.submit(Request { id, prompt, params: params.clone(), prompt_logits: false, images: Vec::new() })?;
+        client.submit(key, Submission { prompt, images: Vec::new(), params: params.clone(), prompt_logits: false })?;
     }
     let mut open = args.batch;
     while open > 0 {
-        for event in backend.poll()? {
-            match event {
-                Event::Token { id, .. } => {
-                    first.entry(id).or_insert_with(|| started.elapsed());
-                }
-                Event::Finished { .. } => open -= 1,
-                Event::Aborted { reason, .. } => bail!("benchmark request failed: {reason}"),
-                Event::PromptLogits { .. } => {}
+        let Some((key, event)) = client.next_event()? else { bail!("the engine dropped {open} requests") };
+        match event {
+            Event::Token { .. } => {
+                first.entry(key).or_insert_with(|| started.elapsed());
             }
+            Event::Finished { .. } => open -= 1,
+            Event::Aborted { reason, .. } => bail!("benchmark request failed: {reason}"),
+            Event::PromptLogits { .. } => {}
         }
     }
     let total = started.elapsed();

@@ -3,7 +3,6 @@
 
 use herd_worker::engine::EngineConfig;
 use herd_worker::kv_cache::DEFAULT_BLOCK_TOKENS;
-use herd_worker::model::weights::ComputeDtype;
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct EngineFlags {
@@ -79,10 +78,7 @@ impl EngineFlags {
 
 /// `MemAvailable` from /proc/meminfo.
 fn available_memory() -> Option<usize> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    herd_worker::runtime::host::available_memory_bytes().map(|b| b as usize)
 }
 
 /// `2G`, `512M`, `64K`, `1.5G` or a plain byte count (binary units).
@@ -134,61 +130,4 @@ pub struct ClusterFlags {
     /// Deadline of each data-plane collective between workers.
     #[arg(long, default_value_t = 60_000)]
     pub step_timeout_ms: u64,
-}
-
-/// The backend the flags ask for: an engine here, or `--workers` worker processes.
-pub fn make_backend(
-    dir: &std::path::Path,
-    frontend: &herd_worker::frontend::Frontend,
-    dtype: ComputeDtype,
-    engine: &EngineFlags,
-    cluster: &ClusterFlags,
-) -> anyhow::Result<Box<dyn herd_coordinator::backend::Backend>> {
-    use anyhow::Context;
-    use herd_coordinator::backend::{ClusterBackend, LocalBackend};
-    use herd_coordinator::local_cluster::{ClusterOptions, LocalCluster};
-    use std::time::Duration;
-    if cluster.workers == 0 {
-        let model = std::sync::Arc::new(frontend.load_model(dtype, None)?);
-        let tokenizer = std::sync::Arc::clone(&frontend.tokenizer);
-        let opts = engine.device_options();
-        let mut built =
-            herd_worker::engine::device::build(model, tokenizer, frontend.eos_ids(), engine.config()?, &opts)
-                .with_context(|| format!("starting the engine on --device {}", engine.device))?;
-        // The vision tower runs on the CPU engine; a GPU engine refuses image prompts.
-        if engine.device == herd_kernels::device::Device::Cpu
-            && let Some((vision, patch)) = frontend.load_vision(dtype)?
-        {
-            built.enable_vision(std::sync::Arc::new(vision), patch);
-        }
-        return Ok(Box::new(LocalBackend::new(built)));
-    }
-    // Worker i runs on the i-th GPU from --device's (several share a GPU when there are fewer).
-    let mut worker_args = vec![
-        "--placement".to_string(),
-        cluster.placement.clone(),
-        "--dtype".into(),
-        dtype.to_string(),
-        "--step-timeout-ms".into(),
-        cluster.step_timeout_ms.to_string(),
-    ];
-    worker_args.extend(engine.to_args());
-    let opts = ClusterOptions {
-        exe: std::env::current_exe().context("locating the herd executable")?,
-        workers: cluster.workers,
-        model_dir: dir.to_path_buf(),
-        worker_args,
-        rank_args: super::device::worker_devices(engine.device, cluster.workers)
-            .iter()
-            .map(|d| vec!["--device".to_string(), d.to_string()])
-            .collect(),
-        // Workers on one host share its cores.
-        threads: Some((rayon::current_num_threads() / cluster.workers).max(1)),
-        start_timeout: Duration::from_secs(600),
-    };
-    let group = LocalCluster::start(&opts)?;
-    Ok(Box::new(ClusterBackend::new(
-        group,
-        Duration::from_millis(cluster.step_timeout_ms).max(Duration::from_secs(1)) * 4,
-    )))
 }

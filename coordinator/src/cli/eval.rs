@@ -9,11 +9,13 @@
 //! "greedy_new_ids"}]}`. All prompts are prefilled in one batch and decoded in lockstep, so
 //! eval also checks that batching does not change any sequence's numbers.
 
-use super::engine_flags::{ClusterFlags, EngineFlags, make_backend};
+use super::engine_flags::{ClusterFlags, EngineFlags};
 use super::model_arg;
+use super::runner::Runner;
 use anyhow::{Context, bail};
-use herd_coordinator::backend::Backend;
-use herd_worker::engine::request::{Event, Request};
+use herd_coordinator::api::Submission;
+use herd_coordinator::blocking::BlockingClient;
+use herd_worker::engine::request::Event;
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
@@ -74,8 +76,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let base = args.input.parent().unwrap_or(Path::new("."));
     let (max_new, prompts) =
         parse_input(&input, &frontend, base).with_context(|| format!("in {}", args.input.display()))?;
-    let mut backend = make_backend(&dir, &frontend, args.dtype, &args.engine, &args.cluster)?;
-    let results = evaluate(backend.as_mut(), prompts, max_new)?;
+    let mut runner = Runner::start(&dir, &frontend, args.dtype, &args.engine, &args.cluster)?;
+    let results = evaluate(&mut runner.client, prompts, max_new)?;
+    runner.close();
     let out = EvalOutput { dtype: args.dtype.to_string(), prompts: results };
     let json = serde_json::to_string(&out).context("serialising results")?;
     std::fs::write(&args.output, json).with_context(|| format!("writing {}", args.output.display()))?;
@@ -170,16 +173,15 @@ fn with_images(
 
 /// Run every prompt greedily (not stopping at EOS) with its per-position argmax and last
 /// logits; all prompts are in flight at once, so they share batches.
-fn evaluate(backend: &mut dyn Backend, prompts: Vec<Prompt>, max_new: usize) -> anyhow::Result<Vec<PromptResult>> {
+fn evaluate(client: &mut BlockingClient, prompts: Vec<Prompt>, max_new: usize) -> anyhow::Result<Vec<PromptResult>> {
     // The engine always samples at least one token; with max_new_tokens 0 it is dropped.
     let params =
         SamplingParams { temperature: 0.0, max_tokens: max_new.max(1), ignore_eos: true, ..Default::default() };
-    let mut results: BTreeMap<u64, PromptResult> = BTreeMap::new();
+    let mut results: BTreeMap<usize, PromptResult> = BTreeMap::new();
     for (i, p) in prompts.into_iter().enumerate() {
-        let id = i as u64;
-        let request =
-            Request { id, prompt: p.ids.clone(), params: params.clone(), prompt_logits: true, images: p.images };
-        backend.submit(request)?;
+        let submission =
+            Submission { prompt: p.ids.clone(), images: p.images, params: params.clone(), prompt_logits: true };
+        client.submit(i, submission)?;
         let result = PromptResult {
             name: p.name,
             input_ids: p.ids,
@@ -187,21 +189,20 @@ fn evaluate(backend: &mut dyn Backend, prompts: Vec<Prompt>, max_new: usize) -> 
             argmax: Vec::new(),
             greedy_new_ids: Vec::new(),
         };
-        results.insert(id, result);
+        results.insert(i, result);
     }
     let mut open = results.len();
     while open > 0 {
-        for event in backend.poll()? {
-            let r = results.get_mut(&event.id()).context("event for an unknown request")?;
-            match event {
-                Event::PromptLogits { argmax, last_logits, .. } => {
-                    r.argmax = argmax;
-                    r.last_logits = last_logits;
-                }
-                Event::Token { token, .. } => r.greedy_new_ids.push(token),
-                Event::Finished { .. } => open -= 1,
-                Event::Aborted { reason, .. } => bail!("prompt {}: {reason}", r.name),
+        let Some((i, event)) = client.next_event()? else { bail!("the engine dropped {open} prompts") };
+        let r = results.get_mut(&i).context("event for an unknown request")?;
+        match event {
+            Event::PromptLogits { argmax, last_logits, .. } => {
+                r.argmax = argmax;
+                r.last_logits = last_logits;
             }
+            Event::Token { token, .. } => r.greedy_new_ids.push(token),
+            Event::Finished { .. } => open -= 1,
+            Event::Aborted { reason, .. } => bail!("prompt {}: {reason}", r.name),
         }
     }
     let mut results: Vec<PromptResult> = results.into_values().collect();

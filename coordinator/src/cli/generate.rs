@@ -1,9 +1,11 @@
 //! `herd generate`: one prompt in, streamed text out, then a line of counts and speeds.
 
-use super::engine_flags::{ClusterFlags, EngineFlags, make_backend};
+use super::engine_flags::{ClusterFlags, EngineFlags};
+use super::runner::Runner;
 use super::{model_arg, sys};
 use anyhow::{Context, bail};
-use herd_worker::engine::request::{Event, Request};
+use herd_coordinator::api::Submission;
+use herd_worker::engine::request::Event;
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::frontend::Frontend;
 use herd_worker::model::weights::ComputeDtype;
@@ -152,29 +154,29 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let params = args.sampling.params(&frontend);
     params.validate().context("invalid sampling flags")?;
-    let mut backend = make_backend(&dir, &frontend, args.dtype, &args.engine, &args.cluster)?;
+    let mut runner = Runner::start(&dir, &frontend, args.dtype, &args.engine, &args.cluster)?;
     let load_time = load_started.elapsed();
 
     let mut stdout = std::io::stdout().lock();
     let started = Instant::now();
-    backend.submit(Request { id: 0, prompt: prompt.clone(), params, prompt_logits: false, images })?;
+    runner.client.submit(0, Submission { prompt: prompt.clone(), images, params, prompt_logits: false })?;
     let mut first_token = None;
     let mut generated = 0usize;
-    let reason = 'outer: loop {
-        for event in backend.poll()? {
-            match event {
-                Event::Token { text, .. } => {
-                    first_token.get_or_insert_with(|| started.elapsed());
-                    generated += 1;
-                    // A closed pipe (e.g. `| head`) must not abort generation with a panic.
-                    let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
-                }
-                Event::Finished { reason, .. } => break 'outer reason,
-                Event::Aborted { reason, .. } => bail!("generation failed: {reason}"),
-                Event::PromptLogits { .. } => {}
+    let reason = loop {
+        let Some((_, event)) = runner.client.next_event()? else { bail!("the engine dropped the request") };
+        match event {
+            Event::Token { text, .. } => {
+                first_token.get_or_insert_with(|| started.elapsed());
+                generated += 1;
+                // A closed pipe (e.g. `| head`) must not abort generation with a panic.
+                let _ = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush());
             }
+            Event::Finished { reason, .. } => break reason,
+            Event::Aborted { reason, .. } => bail!("generation failed: {reason}"),
+            Event::PromptLogits { .. } => {}
         }
     };
+    runner.close();
     let prefill = first_token.unwrap_or_default();
     let decode = started.elapsed().saturating_sub(prefill);
     let rss = sys::peak_rss_bytes().map_or_else(|| "n/a".into(), sys::format_bytes);

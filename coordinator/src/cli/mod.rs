@@ -15,6 +15,7 @@ pub mod image_flags;
 pub mod membw;
 pub mod model_arg;
 pub mod quantize;
+pub mod runner;
 pub mod serve;
 pub mod synth;
 pub mod sys;

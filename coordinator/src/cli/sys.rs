@@ -1,12 +1,6 @@
 //! Process facts for reports.
 
-/// Peak resident set size of this process in bytes (`VmHWM`), where the OS reports it.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
+pub use herd_worker::runtime::host::peak_rss_bytes;
 
 /// `1536` → `"1.5 KiB"`.
 pub fn format_bytes(bytes: u64) -> String {

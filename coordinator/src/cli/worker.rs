@@ -1,29 +1,34 @@
-//! `herd worker`: one member of an expert-parallel group.
+//! `herd worker`: one member of an expert-parallel group, in either mode.
 //!
-//! It loads attention, dense layers, shared experts and embeddings, plus only the routed
-//! experts its placement assigns it; joins the data plane (TCP, one connection per peer);
-//! then runs the lockstep loop, taking commands on stdin and writing reports to stdout as
-//! JSON lines. Logs and errors go to stderr.
+//! Both modes run the same agent (`herd_worker::runtime`), which loads attention, dense layers,
+//! shared experts and embeddings plus only the routed experts its assignment gives it, joins
+//! the data plane, and runs the lockstep loop. They differ only in who drives it:
+//! - `--coordinators`: the coordinator tier, over QUIC control channels (`worker_agent`);
+//! - `--rank/--world` (a static group): the process that started it, in JSON lines of the same
+//!   messages on stdin/stdout. With `--peers` the worker assigns itself; without, the driver's
+//!   assignment (rank, members, placement) arrives on stdin.
+//!
+//! Logs and errors go to stderr.
 
 use super::engine_flags::EngineFlags;
 use super::model_arg;
 use anyhow::Context;
-use herd_worker::control::{CONTROL_VERSION, Command, LayerStats, Report, WorkerStats, read_message, write_message};
-use herd_worker::engine::device;
-use herd_worker::ep::EpRunner;
+use herd_worker::control::{
+    Assignment, CONTROL_VERSION, DataPlane, FromWorker, ToWorker, WorkerDevice, WorkerHello, read_message,
+    write_message,
+};
 use herd_worker::frontend::Frontend;
-use herd_worker::lockstep::{self, LockstepConfig};
 use herd_worker::model::weights::ComputeDtype;
 use herd_worker::placement::{MoeShape, Placement};
-use herd_worker::transport::tcp::{TcpOptions, TcpTransport};
+use herd_worker::runtime::{AgentConfig, GroupConfig, Inbox, Lifetime, Link, agent, host};
+use herd_worker::transport::tcp::TcpOptions;
 use herd_worker::transport::tls::TlsConfig;
-use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufReader, Write};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, channel};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::sync::mpsc;
 
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
@@ -58,17 +63,19 @@ pub struct WorkerArgs {
     /// Checkpoint directory, or a synth preset.
     #[arg(long)]
     pub(super) model: String,
-    /// Expert placement: round-robin, skewed, replicated, or a JSON/TOML file.
+    /// Static group with --peers: expert placement (round-robin, skewed, replicated, or a
+    /// JSON/TOML file). Otherwise the assignment carries it.
     #[arg(long, default_value = "round-robin")]
     pub(super) placement: String,
     #[arg(long, default_value = "bf16")]
     pub(super) dtype: ComputeDtype,
     #[command(flatten)]
     pub(super) engine: EngineFlags,
-    /// Deadline of each data-plane collective: a peer silent for longer fails the step.
+    /// Static group with --peers: deadline of each data-plane collective (a peer silent for
+    /// longer fails the step). Otherwise the assignment carries it.
     #[arg(long, default_value_t = 60_000)]
     pub(super) step_timeout_ms: u64,
-    /// How long to wait for every peer to connect.
+    /// Static group: how long to wait for every peer to connect.
     #[arg(long, default_value_t = 120)]
     pub(super) connect_timeout_s: u64,
     /// Shared by the group's members; a connection with another token is refused.
@@ -91,18 +98,11 @@ pub struct WorkerArgs {
 
 pub fn run(args: WorkerArgs) -> anyhow::Result<()> {
     super::device::check(args.engine.device)?; // before any model is loaded
+    let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
+    let frontend = Arc::new(Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
     if !args.coordinators.is_empty() {
-        return super::worker_agent::run(&args);
+        return super::worker_agent::run(&args, frontend);
     }
-    let mut out = std::io::stdout().lock();
-    let result = serve(&args, &mut out);
-    if let Err(e) = &result {
-        let _ = write_message(&mut out, &Report::Fatal { error: format!("{e:#}") });
-    }
-    result
-}
-
-fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
     let (rank, world) = (args.rank.unwrap_or(0), args.world.unwrap_or(0));
     anyhow::ensure!(world > 0 && rank < world, "--rank {rank} is not in 0..{world}");
     anyhow::ensure!(
@@ -111,144 +111,116 @@ fn serve(args: &WorkerArgs, out: &mut impl Write) -> anyhow::Result<()> {
         args.peers.len(),
         world
     );
-    let commands = spawn_command_reader();
-    let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
-    let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
-    let text = &frontend.config.text;
-    let shape = MoeShape {
-        moe_layers: (0..text.num_hidden_layers).filter(|&l| text.layers[l].moe).collect(),
-        experts: text.num_local_experts,
-    };
-    let placement = Placement::from_arg(&args.placement, world, &shape)?;
-    let local: BTreeMap<usize, Vec<usize>> =
-        shape.moe_layers.iter().map(|&l| (l, placement.local_experts(rank, l))).collect();
-    let local_experts: usize = local.values().map(Vec::len).sum();
-
-    // Bind before loading weights so the driver can wire the group while we load.
-    let listener = TcpListener::bind(args.peers.get(rank).copied().unwrap_or(args.listen))
-        .context("binding the data-plane port")?;
-    let addr = listener.local_addr()?;
-    write_message(out, &Report::Listening { addr, version: CONTROL_VERSION })?;
-
-    let model = frontend.load_model(args.dtype, Some(&local)).context("loading weights")?;
-    let weight_bytes = model.weight_bytes();
-    let engine_config = args.engine.config()?;
-    let mut engine = device::build(
-        Arc::new(model),
-        Arc::clone(&frontend.tokenizer),
-        frontend.eos_ids(),
-        engine_config,
-        &args.engine.device_options(),
-    )
-    .with_context(|| format!("starting the engine on --device {}", args.engine.device))?;
-    // The vision tower runs on a CPU engine, on the worker that owns an image request's
-    // sequence; a GPU engine refuses image prompts.
-    if args.engine.device == herd_kernels::device::Device::Cpu
-        && let Some((vision, patch)) = frontend.load_vision(args.dtype).context("loading the vision tower")?
-    {
-        engine.enable_vision(Arc::new(vision), patch);
-    }
-
-    let mut early = VecDeque::new();
-    let peers = if args.peers.is_empty() { wait_for_peers(&commands, &mut early)? } else { args.peers.clone() };
-    anyhow::ensure!(peers.len() == world, "got {} peer addresses for a world of {world}", peers.len());
     let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
         (Some(ca), Some(cert), Some(key)) => Some(TlsConfig::new(ca.clone(), cert.clone(), key.clone())),
         _ => None,
     };
-    let opts = TcpOptions { cluster_token: args.cluster_token.as_bytes().to_vec(), tls, ..TcpOptions::default() };
-    let deadline = Instant::now() + Duration::from_secs(args.connect_timeout_s);
-    let transport =
-        TcpTransport::connect(rank, world, &peers, listener, opts, deadline).context("connecting the data plane")?;
-    let mut runner = EpRunner::new(Box::new(transport), placement, Duration::from_millis(args.step_timeout_ms));
-    write_message(out, &Report::Ready { rank, world, local_experts, weight_bytes })?;
-    eprintln!(
-        "[herd worker {}] ready: {} routed experts, {:.1} MiB of weights",
-        rank,
-        local_experts,
-        weight_bytes as f64 / (1 << 20) as f64
-    );
-
-    // Commands that arrived before the group formed are replayed first.
-    let (replay_tx, replay_rx) = channel();
-    for cmd in early {
-        let _ = replay_tx.send(cmd);
-    }
-    std::thread::spawn(move || {
-        for cmd in commands {
-            if replay_tx.send(cmd).is_err() {
-                return;
-            }
-        }
-    });
-    let mut report_err = None;
-    let mut report = |r: Report| {
-        if let Err(e) = write_message(out, &r) {
-            report_err.get_or_insert(e);
+    let tcp = TcpOptions { cluster_token: args.cluster_token.as_bytes().to_vec(), tls, ..TcpOptions::default() };
+    // Bind before loading weights, so that the driver can wire the group while we load.
+    let listener = TcpListener::bind(args.peers.get(rank).copied().unwrap_or(args.listen))
+        .context("binding the data-plane port")?;
+    let own = match args.peers.is_empty() {
+        true => None,
+        false => {
+            let text = &frontend.config.text;
+            let shape = MoeShape { moe_layers: text.moe_layers(), experts: text.num_local_experts };
+            Some(Assignment {
+                epoch: 1,
+                rank,
+                members: args.peers.clone(),
+                placement: Placement::from_arg(&args.placement, world, &shape)?,
+                step_timeout_ms: args.step_timeout_ms,
+                data_plane: DataPlane::Tcp,
+            })
         }
     };
-    // This process runs one engine, so its steps may hold a compute-pool thread.
-    let config = LockstepConfig { steps_on_pool: true, ..LockstepConfig::default() };
-    let result = lockstep::run(&mut engine, &mut runner, &replay_rx, &mut report, config);
-    let stats = runner.transport().stats();
-    match result {
-        Ok(loop_stats) => {
-            let layers = runner
-                .traffic()
-                .iter()
-                .map(|(&layer, t)| LayerStats {
-                    layer,
-                    collectives: t.collectives,
-                    bytes_out: t.bytes_out,
-                    exchange_ms: t.exchange.as_secs_f64() * 1e3,
-                    compute_ms: t.compute.as_secs_f64() * 1e3,
-                    routed_tokens: t.tokens_per_expert.values().sum(),
-                })
-                .collect();
-            report(Report::Stats(WorkerStats {
-                rank,
-                steps: loop_stats.steps,
-                collectives: stats.collectives,
-                bytes_sent: stats.bytes_sent,
-                bytes_received: stats.bytes_received,
-                busy_ms: stats.busy.as_secs_f64() * 1e3,
-                peak_rss_bytes: super::sys::peak_rss_bytes().unwrap_or(0),
-                layers,
-            }));
-            Ok(())
+    let config = agent_config(&args, frontend, listener, tcp, format!("worker-{rank}"), Lifetime::OneGroup)?;
+    serve_stdio(config, own, (rank, world))
+}
+
+/// The agent's settings, shared by both modes.
+pub(super) fn agent_config(
+    args: &WorkerArgs,
+    frontend: Arc<Frontend>,
+    listener: TcpListener,
+    tcp: TcpOptions,
+    default_name: String,
+    lifetime: Lifetime,
+) -> anyhow::Result<AgentConfig> {
+    let data_addr = listener.local_addr()?;
+    let hello = WorkerHello {
+        name: args.name.clone().unwrap_or(default_name),
+        data_addr,
+        memory_bytes: host::total_memory_bytes().unwrap_or(0),
+        device: WorkerDevice::probe(args.engine.device),
+        fingerprint: frontend.fingerprint(),
+        version: CONTROL_VERSION,
+    };
+    let setup_timeout = match lifetime {
+        Lifetime::OneGroup => Duration::from_secs(args.connect_timeout_s),
+        // A managed group that cannot form soon is re-planned by the leader.
+        Lifetime::FollowEpochs => Duration::from_secs(10),
+    };
+    let group = GroupConfig {
+        frontend,
+        dtype: args.dtype,
+        engine: args.engine.config()?,
+        device: args.engine.device_options(),
+        tcp,
+        listener,
+        setup_timeout,
+    };
+    Ok(AgentConfig { hello, group, heartbeat: Duration::from_millis(250), lifetime })
+}
+
+/// A static group's worker: the agent with one link, this process's stdin and stdout.
+fn serve_stdio(config: AgentConfig, own: Option<Assignment>, (rank, world): (usize, usize)) -> anyhow::Result<()> {
+    let (inbox_tx, inbox) = mpsc::unbounded_channel();
+    let (up_tx, up) = mpsc::unbounded_channel::<FromWorker>();
+    let writer = std::thread::spawn(move || write_stdout(up));
+    let _ = inbox_tx.send(Inbox::Connected { index: 0, link: Link { to_coordinator: up_tx } });
+    if let Some(a) = own {
+        let _ = inbox_tx.send(Inbox::Message { index: 0, message: ToWorker::Assign(a) });
+    }
+    std::thread::spawn(move || read_stdin(inbox_tx, rank, world));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let result = runtime.block_on(agent::run(config, inbox));
+    // The agent has dropped its links: the writer ends once it has written everything left,
+    // the group's failure or statistics included.
+    let _ = writer.join();
+    result.map_err(|e| anyhow::anyhow!("worker {rank} left the group: {e}"))
+}
+
+/// The driver's messages into the agent. Closing stdin means the driver is done: the group
+/// drains and leaves.
+fn read_stdin(inbox: mpsc::UnboundedSender<Inbox>, rank: usize, world: usize) {
+    let mut input = BufReader::new(std::io::stdin());
+    loop {
+        match read_message::<ToWorker>(&mut input) {
+            Ok(ToWorker::Assign(a)) if a.rank != rank || a.members.len() != world => {
+                eprintln!(
+                    "error: the driver assigned rank {} of {}, but this worker was started as --rank {rank} --world {world}",
+                    a.rank,
+                    a.members.len()
+                );
+                std::process::exit(1);
+            }
+            Ok(message) => {
+                if inbox.send(Inbox::Message { index: 0, message }).is_err() {
+                    return;
+                }
+            }
+            Err(herd_worker::control::ControlError::Bad(e)) => eprintln!("[herd worker] ignoring a bad message: {e}"),
+            Err(_) => return,
         }
-        Err(e) => Err(e).with_context(|| format!("worker {rank} left the group")),
     }
 }
 
-/// Read commands from stdin on a thread; the channel closes when stdin does.
-fn spawn_command_reader() -> Receiver<Command> {
-    let (tx, rx) = channel();
-    std::thread::spawn(move || {
-        let mut input = BufReader::new(std::io::stdin());
-        loop {
-            match read_message::<Command>(&mut input) {
-                Ok(cmd) => {
-                    if tx.send(cmd).is_err() {
-                        return;
-                    }
-                }
-                Err(herd_worker::control::ControlError::Bad(e)) => eprintln!("[herd worker] ignoring bad command: {e}"),
-                Err(_) => return,
-            }
-        }
-    });
-    rx
-}
-
-/// Wait for the `Peers` command; other commands are kept for later.
-fn wait_for_peers(commands: &Receiver<Command>, early: &mut VecDeque<Command>) -> anyhow::Result<Vec<SocketAddr>> {
-    loop {
-        match commands.recv() {
-            Ok(Command::Peers { addrs }) => return Ok(addrs),
-            Ok(Command::Shutdown) => anyhow::bail!("shut down before the group formed"),
-            Ok(other) => early.push_back(other),
-            Err(_) => anyhow::bail!("control channel closed before the peer list arrived"),
+fn write_stdout(mut up: mpsc::UnboundedReceiver<FromWorker>) {
+    let mut out = std::io::stdout().lock();
+    while let Some(msg) = up.blocking_recv() {
+        if write_message(&mut out, &msg).is_err() {
+            return;
         }
     }
 }

@@ -1,58 +1,34 @@
 //! `herd worker --coordinators ...`: a worker managed by the coordinator tier.
 //!
-//! The agent logic (`herd_worker::agent`) only sees channels; this module connects one QUIC
+//! The agent (`herd_worker::runtime::agent`) only sees channels; this module connects one QUIC
 //! control channel (mutual TLS) to every coordinator, reconnecting after failures, and pumps
 //! frames between those channels and the agent.
 
-use super::model_arg;
-use super::worker::WorkerArgs;
+use super::worker::{WorkerArgs, agent_config};
 use anyhow::Context;
 use herd_net::{Channel, TlsFiles};
-use herd_worker::agent::{self, AgentConfig, Inbox, Link};
-use herd_worker::control::{CONTROL_VERSION, FromWorker, ToWorker, WorkerHello};
+use herd_worker::control::{FromWorker, ToWorker};
 use herd_worker::frontend::Frontend;
+use herd_worker::runtime::{Inbox, Lifetime, Link, agent};
 use herd_worker::transport::tcp::TcpOptions;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// `cpu`, or `cuda:N (NVIDIA H100 80GB HBM3)`: what admins see in the worker list.
-fn describe(device: herd_kernels::device::Device) -> String {
-    match herd_kernels::device::probe(device) {
-        Ok(info) if device != herd_kernels::device::Device::Cpu => format!("{device} ({})", info.name),
-        _ => device.to_string(),
-    }
-}
-
-pub fn run(args: &WorkerArgs) -> anyhow::Result<()> {
+pub fn run(args: &WorkerArgs, frontend: Arc<Frontend>) -> anyhow::Result<()> {
     let tls_dir =
         args.tls_dir.as_ref().context("--coordinators needs --tls-dir (the cluster CA and this node's certificate)")?;
     let tls = TlsFiles::load(tls_dir, &args.tls_name).context("loading TLS files")?;
-    let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
-    let frontend = Arc::new(Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
     let listener = TcpListener::bind(args.listen).context("binding the data-plane port (--listen)")?;
     let data_addr = listener.local_addr()?;
-    let name = args.name.clone().unwrap_or_else(|| format!("worker-{}", data_addr.port()));
-    let hello = WorkerHello {
-        name: name.clone(),
-        data_addr,
-        memory_bytes: total_memory().unwrap_or(0),
-        device: describe(args.engine.device),
-        fingerprint: frontend.fingerprint(),
-        version: CONTROL_VERSION,
-    };
-    let config = AgentConfig {
-        hello,
-        frontend,
-        dtype: args.dtype,
-        engine: args.engine.config()?,
-        device: args.engine.device_options(),
-        tcp: TcpOptions { cluster_token: args.cluster_token.as_bytes().to_vec(), ..TcpOptions::default() },
-        listener,
-        heartbeat: Duration::from_millis(250),
-    };
-    eprintln!("[herd worker {name}] data plane {data_addr}, joining coordinators {:?}", args.coordinators);
+    let tcp = TcpOptions { cluster_token: args.cluster_token.as_bytes().to_vec(), ..TcpOptions::default() };
+    let name = format!("worker-{}", data_addr.port());
+    let config = agent_config(args, frontend, listener, tcp, name, Lifetime::FollowEpochs)?;
+    eprintln!(
+        "[herd worker {}] data plane {data_addr}, joining coordinators {:?}",
+        config.hello.name, args.coordinators
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let endpoint = herd_net::quic::client_endpoint(&tls).context("creating the QUIC endpoint")?;
@@ -113,10 +89,4 @@ async fn connect_once(
     };
     writer.abort();
     result
-}
-
-fn total_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib: u64 = info.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

@@ -7,7 +7,7 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use futures::StreamExt;
 use herd_coordinator::api::{
-    ApiConfig, ApiState, EventStream, Health, InferenceService, Load, LocalService, ServiceError, router,
+    ApiConfig, ApiState, EventStream, Health, InferenceService, Load, LocalService, ServiceError, Submission, router,
 };
 use herd_worker::engine::request::{Event, Request as EngineRequest};
 use herd_worker::engine::sampler::SamplingParams;
@@ -150,14 +150,9 @@ impl Scripted {
 }
 
 impl InferenceService for Scripted {
-    fn submit(
-        &self,
-        prompt: Vec<u32>,
-        _images: Vec<herd_worker::vision::PixelValues>,
-        params: SamplingParams,
-    ) -> Result<EventStream, ServiceError> {
+    fn submit(&self, submission: Submission) -> Result<EventStream, ServiceError> {
         let mut submitted = self.submitted.lock().expect("lock");
-        submitted.push((prompt, params));
+        submitted.push((submission.prompt, submission.params));
         (self.script)(submitted.len() - 1)
     }
 
@@ -166,7 +161,7 @@ impl InferenceService for Scripted {
     }
 
     fn load(&self) -> Load {
-        Load { running: 3, waiting: 2, kv_cache_usage: 0.25 }
+        Load { running: 3, waiting: 2, kv_usage: 0.25 }
     }
 }
 

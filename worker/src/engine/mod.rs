@@ -79,6 +79,15 @@ pub struct StepStats {
     pub sequences: usize,
 }
 
+/// How busy an engine is: what heartbeats report and the API's gauges show.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Load {
+    pub running: usize,
+    pub waiting: usize,
+    /// Share of the KV cache reserved by running requests, 0..=1.
+    pub kv_usage: f64,
+}
+
 #[derive(Debug)]
 struct Seq {
     req: Request,
@@ -299,6 +308,10 @@ impl Engine {
 
     pub fn waiting(&self) -> usize {
         self.waiting.len()
+    }
+
+    pub fn load(&self) -> Load {
+        Load { running: self.running(), waiting: self.waiting(), kv_usage: self.kv_usage() }
     }
 
     /// Share of the KV pool reserved by running requests.

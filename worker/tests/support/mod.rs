@@ -4,16 +4,16 @@
 // Each test binary compiles this module and uses only part of it.
 #![allow(dead_code)]
 
-use herd_worker::control::{Command, Report};
+use herd_worker::control::FromWorker;
 use herd_worker::engine::EngineConfig;
 use herd_worker::engine::device::{self, DeviceOptions};
 use herd_worker::engine::request::{Event, Request};
 use herd_worker::engine::sampler::SamplingParams;
 use herd_worker::ep::EpRunner;
 use herd_worker::frontend::Frontend;
-use herd_worker::lockstep::{self, LockstepConfig};
 use herd_worker::model::weights::ComputeDtype;
 use herd_worker::placement::{MoeShape, Placement};
+use herd_worker::runtime::lockstep::{self, GroupCommand, LockstepConfig};
 use herd_worker::transport::local::LocalTransport;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -36,10 +36,7 @@ pub fn frontend(name: &str) -> Frontend {
 
 pub fn shape(f: &Frontend) -> MoeShape {
     let t = &f.config.text;
-    MoeShape {
-        moe_layers: (0..t.num_hidden_layers).filter(|&l| t.layers[l].moe).collect(),
-        experts: t.num_local_experts,
-    }
+    MoeShape { moe_layers: t.moe_layers(), experts: t.num_local_experts }
 }
 
 /// Eight requests: prompts of 3 to 66 tokens, greedy and seeded sampling, some asking for
@@ -73,7 +70,7 @@ pub fn run_group(
     home: impl Fn(usize) -> usize,
 ) -> BTreeMap<u64, Vec<Event>> {
     let transports = LocalTransport::group(world);
-    let (report_tx, report_rx) = channel::<(usize, Report)>();
+    let (report_tx, report_rx) = channel::<(usize, FromWorker)>();
     let mut command_txs = Vec::new();
     let mut handles = Vec::new();
     for (rank, transport) in transports.into_iter().enumerate() {
@@ -84,11 +81,11 @@ pub fn run_group(
             device::build(Arc::new(model), Arc::clone(&f.tokenizer), f.eos_ids(), EngineConfig::default(), device)
                 .expect("engine");
         let mut runner = EpRunner::new(Box::new(transport), placement.clone(), Duration::from_secs(20));
-        let (tx, rx) = channel::<Command>();
+        let (tx, rx) = channel::<GroupCommand>();
         command_txs.push(tx);
         let report_tx = report_tx.clone();
         handles.push(std::thread::spawn(move || {
-            let mut report = |r: Report| {
+            let mut report = |r: FromWorker| {
                 let _ = report_tx.send((rank, r));
             };
             lockstep::run(&mut engine, &mut runner, &rx, &mut report, LockstepConfig::default()).map(|_| ())
@@ -96,19 +93,19 @@ pub fn run_group(
     }
     drop(report_tx);
     for (i, r) in reqs.iter().enumerate() {
-        command_txs[home(i) % world].send(Command::Submit(r.clone())).expect("submit");
+        command_txs[home(i) % world].send(GroupCommand::Submit(r.clone())).expect("submit");
     }
     let mut out: BTreeMap<u64, Vec<Event>> = BTreeMap::new();
     let mut open = reqs.len();
     while open > 0 {
         let (_, report) = report_rx.recv_timeout(Duration::from_secs(60)).expect("events");
-        if let Report::Event(e) = report {
+        if let FromWorker::Event(e) = report {
             open -= usize::from(e.is_final());
             out.entry(e.id()).or_default().push(e);
         }
     }
     for tx in &command_txs {
-        tx.send(Command::Shutdown).expect("shutdown");
+        tx.send(GroupCommand::Drain).expect("drain");
     }
     for h in handles {
         h.join().expect("thread").expect("clean exit");

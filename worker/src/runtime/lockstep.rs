@@ -7,10 +7,14 @@
 //! leaves together once everyone has asked to and nobody has work. A transport error (a
 //! dead or hung peer, a malformed frame) ends every request with an error and the loop with
 //! that error, on every surviving worker, within the collective deadline.
+//!
+//! The loop takes [`GroupCommand`]s between steps only, so a step's batch never changes under
+//! it, and reports what happens to requests as the [`FromWorker`] messages that go up the
+//! control channel unchanged.
 
-use crate::control::{Command, Report};
-use crate::engine::request::{AbortReason, Event};
-use crate::engine::{Engine, EngineError};
+use crate::control::FromWorker;
+use crate::engine::request::{AbortReason, Event, Rejection, Request, RequestId};
+use crate::engine::{Engine, EngineError, Load};
 use crate::ep::EpRunner;
 use crate::model::ModelError;
 use crate::transport::{TransportError, all_gather};
@@ -51,6 +55,17 @@ fn transport_abort(t: &TransportError) -> AbortReason {
     }
 }
 
+/// What the loop is told between steps.
+#[derive(Clone, Debug, PartialEq)]
+pub enum GroupCommand {
+    Submit(Request),
+    Cancel(RequestId),
+    /// Finish the running requests, then leave together with every other worker.
+    Drain,
+    /// Leave now: every request ends with this reason (a new placement epoch, a shutdown).
+    Leave(AbortReason),
+}
+
 /// Loop settings.
 #[derive(Clone, Debug)]
 pub struct LockstepConfig {
@@ -72,14 +87,6 @@ impl Default for LockstepConfig {
     }
 }
 
-/// The engine's load, as heartbeats report it.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Load {
-    pub running: usize,
-    pub waiting: usize,
-    pub kv_usage: f64,
-}
-
 /// Totals over the loop's life.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoopStats {
@@ -91,8 +98,8 @@ pub struct LoopStats {
 pub fn run(
     engine: &mut Engine,
     runner: &mut EpRunner,
-    commands: &Receiver<Command>,
-    report: &mut dyn FnMut(Report),
+    commands: &Receiver<GroupCommand>,
+    report: &mut dyn FnMut(FromWorker),
     config: LockstepConfig,
 ) -> Result<LoopStats, LockstepError> {
     let mut leaving = false;
@@ -101,8 +108,8 @@ pub fn run(
         // Commands arrive between steps only, so a step's batch never changes under it.
         loop {
             match commands.try_recv() {
-                Ok(Command::Leave { reason }) => {
-                    deliver(engine.abort_all(&AbortReason::engine(reason)), report);
+                Ok(GroupCommand::Leave(reason)) => {
+                    deliver(engine.abort_all(&reason), report);
                     return Ok(stats);
                 }
                 Ok(cmd) => apply(engine, cmd, &mut leaving, report),
@@ -118,7 +125,7 @@ pub fn run(
         if let Some(load) = &config.load
             && let Ok(mut l) = load.lock()
         {
-            *l = Load { running: engine.running(), waiting: engine.waiting(), kv_usage: engine.kv_usage() };
+            *l = engine.load();
         }
         let vote = [u8::from(engine.has_work()), u8::from(leaving)];
         let deadline = Instant::now() + runner.timeout();
@@ -157,28 +164,26 @@ pub fn run(
     result
 }
 
-fn apply(engine: &mut Engine, cmd: Command, leaving: &mut bool, report: &mut dyn FnMut(Report)) {
+fn apply(engine: &mut Engine, cmd: GroupCommand, leaving: &mut bool, report: &mut dyn FnMut(FromWorker)) {
     match cmd {
-        Command::Submit(req) => {
+        GroupCommand::Submit(req) => {
             let id = req.id;
             if *leaving {
-                report(Report::Rejected { id, reason: crate::engine::request::Rejection::ShuttingDown });
+                report(FromWorker::Rejected { id, reason: Rejection::ShuttingDown });
             } else if let Err(reason) = engine.submit(req) {
-                report(Report::Rejected { id, reason });
+                report(FromWorker::Rejected { id, reason });
             }
         }
-        Command::Cancel { id } => {
+        GroupCommand::Cancel(id) => {
             engine.cancel(id);
         }
-        Command::Shutdown => *leaving = true,
-        Command::Leave { .. } => {}
-        // Only meaningful before the group forms; ignore a late duplicate.
-        Command::Peers { .. } => {}
+        GroupCommand::Drain => *leaving = true,
+        GroupCommand::Leave(_) => {}
     }
 }
 
-fn deliver(events: Vec<Event>, report: &mut dyn FnMut(Report)) {
+fn deliver(events: Vec<Event>, report: &mut dyn FnMut(FromWorker)) {
     for e in events {
-        report(Report::Event(e));
+        report(FromWorker::Event(e));
     }
 }
