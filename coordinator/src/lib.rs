@@ -26,6 +26,7 @@ pub mod control_server;
 pub mod data_plane;
 pub mod leader;
 pub mod local_cluster;
+pub mod node;
 pub mod raft;
 pub mod raft_quic;
 pub mod scheduler;

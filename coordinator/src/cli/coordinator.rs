@@ -1,24 +1,11 @@
-//! `herd coordinator`: one member of the Raft-replicated coordinator tier.
-//!
-//! It runs, on one tokio runtime:
-//! - the Raft node (`raft`) over QUIC with mutual TLS (`raft_quic`), replicating the cluster
-//!   state machine (`cluster`, `state_machine`);
-//! - the control server for worker channels (`control_server`) and the scheduler
-//!   (`scheduler`), fed with every applied state;
-//! - the leader duties (`leader`): worker verdicts and placement epochs;
-//! - the OpenAI API (`api`) and the admin API (`admin`).
+//! `herd coordinator`: one member of the Raft-replicated coordinator tier. This module only
+//! turns flags into a [`NodeConfig`]; `herd_coordinator::node` starts and stops the node.
 
 use super::model_arg;
 use anyhow::Context;
-use herd_coordinator::admin::{self, AdminState};
-use herd_coordinator::api::{self, ApiConfig, ApiState};
-use herd_coordinator::cluster::{ClusterCommand, CoordinatorInfo, ModelSpec, Outcome};
+use herd_coordinator::api::ApiConfig;
 use herd_coordinator::data_plane::DataPlanePolicy;
-use herd_coordinator::leader::{self, LeaderConfig};
-use herd_coordinator::raft::{RaftConfig, RaftNode};
-use herd_coordinator::raft_quic::{self, QuicRaftTransport};
-use herd_coordinator::scheduler::{ClusterService, Scheduler};
-use herd_coordinator::state_machine::{ClusterMachine, decode_outcome, encode_command};
+use herd_coordinator::node::{self, NodeConfig};
 use herd_net::TlsFiles;
 use herd_worker::frontend::Frontend;
 use std::collections::BTreeMap;
@@ -125,113 +112,35 @@ pub fn run(args: CoordinatorArgs) -> anyhow::Result<()> {
     let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
     let frontend = Arc::new(Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?);
     let tls = TlsFiles::load(&args.tls_dir, &args.tls_name).context("loading TLS files")?;
+    let config = node_config(args, peers, frontend, tls)?;
+    let me = config.id;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(serve(args, peers, frontend, tls))
+    runtime.block_on(async move {
+        let node = node::start(config).await?;
+        let info = node.info();
+        eprintln!(
+            "[herd coordinator {me}] raft {} control {} api http://{} admin http://{}",
+            info.raft_addr, info.control_addr, info.api_addr, info.admin_addr
+        );
+        shutdown_signal().await;
+        node.shutdown().await;
+        Ok(())
+    })
 }
 
-async fn serve(
+fn node_config(
     args: CoordinatorArgs,
     peers: BTreeMap<u64, SocketAddr>,
     frontend: Arc<Frontend>,
     tls: TlsFiles,
-) -> anyhow::Result<()> {
-    let me = args.id;
-    let served = args.served_model_name.clone().unwrap_or_else(|| {
+) -> anyhow::Result<NodeConfig> {
+    let mut api = ApiConfig::for_model(&frontend);
+    api.served_model_name = args.served_model_name.clone().unwrap_or_else(|| {
         std::path::Path::new(&args.model).file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned())
     });
-    let text = &frontend.config.text;
-    let model = ModelSpec {
-        name: served.clone(),
-        fingerprint: frontend.fingerprint(),
-        moe_layers: (0..text.num_hidden_layers).filter(|&l| text.layers[l].moe).collect(),
-        experts: text.num_local_experts,
-    };
-
-    // Raft over QUIC.
-    let raft_endpoint = herd_net::quic::server_endpoint(args.raft_listen, &tls).context("binding --raft-listen")?;
-    let others: BTreeMap<u64, SocketAddr> = peers.iter().filter(|(id, _)| **id != me).map(|(i, a)| (*i, *a)).collect();
-    let transport =
-        Arc::new(QuicRaftTransport::start(me, others, raft_endpoint.clone(), &tokio::runtime::Handle::current()));
-    let founders = if args.join { Vec::new() } else { peers.keys().copied().collect() };
-    let mut raft_config = RaftConfig::new(me, founders, args.data_dir.join("raft"));
-    raft_config.tick = Duration::from_millis(args.raft_tick_ms);
-    let (machine, mut applied) = ClusterMachine::new();
-    let (_node, raft) =
-        RaftNode::spawn(raft_config, machine, Arc::clone(&transport)).context("starting the raft node")?;
-    tokio::spawn(raft_quic::serve(raft_endpoint, raft.mailbox()));
-
-    // Scheduler and Raft peer addresses, fed with every applied state (a coordinator added
-    // later becomes reachable once its address is in the log).
-    let scheduler = Scheduler::new(me, args.step_timeout_ms, args.data_plane);
-    {
-        let (raft, scheduler) = (raft.clone(), Arc::clone(&scheduler));
-        let on_state = move |state: &herd_coordinator::cluster::ClusterState| {
-            scheduler.set_state(state);
-            for c in state.coordinators.values() {
-                transport.set_peer(c.id, c.raft_addr);
-            }
-        };
-        on_state(&raft.read(|m| m.state().clone()));
-        tokio::spawn(async move {
-            while applied.changed().await.is_ok() {
-                on_state(&raft.read(|m| m.state().clone()));
-            }
-        });
-    }
-
-    // Worker control channels.
-    let control = herd_net::quic::server_endpoint(args.control_listen, &tls).context("binding --control-listen")?;
-    tokio::spawn(herd_coordinator::control_server::serve(control, raft.clone(), Arc::clone(&scheduler), me));
-
-    // Leader duties.
-    let leader_config = LeaderConfig {
-        me,
-        model,
-        min_workers: args.min_workers,
-        suspect_after: Duration::from_millis(args.suspect_after_ms),
-        dead_after: Duration::from_millis(args.dead_after_ms),
-        interval: Duration::from_millis(250),
-    };
-    tokio::spawn(leader::run(leader_config, raft.clone(), Arc::clone(&scheduler)));
-
-    // Announce this coordinator's addresses through the log (retried until a leader exists).
-    let info = CoordinatorInfo {
-        id: me,
-        raft_addr: args.raft_listen,
-        control_addr: args.control_listen,
-        api_addr: args.api_listen,
-        admin_addr: args.admin_listen,
-    };
-    {
-        let (raft, info) = (raft.clone(), info.clone());
-        tokio::spawn(async move {
-            loop {
-                match raft.propose(encode_command(&ClusterCommand::AddCoordinator(info.clone()))).await {
-                    Ok(b) if matches!(decode_outcome(&b), Outcome::Done | Outcome::Unchanged) => return,
-                    _ => tokio::time::sleep(Duration::from_millis(500)).await,
-                }
-            }
-        });
-    }
-
-    // Admin API.
-    let admin_state = AdminState {
-        raft: raft.clone(),
-        scheduler: Arc::clone(&scheduler),
-        admin_key: args.admin_key.clone(),
-        this: info.clone(),
-    };
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen).await.context("binding --admin-listen")?;
-    tokio::spawn(async move {
-        let _ = axum::serve(admin_listener, admin::router(admin_state)).await;
-    });
-
-    // OpenAI API.
-    let mut api_config = ApiConfig::for_model(&frontend);
-    api_config.served_model_name = served;
-    api_config.api_key = args.api_key.clone();
-    api_config.max_body_bytes = args.max_body_bytes;
-    args.images.apply(&mut api_config);
+    api.api_key = args.api_key.clone();
+    api.max_body_bytes = args.max_body_bytes;
+    args.images.apply(&mut api);
     if let Some(len) = args.max_model_len {
         anyhow::ensure!(len > 0, "--max-model-len must be at least 1");
         let model_len = frontend.config.text.max_position_embeddings;
@@ -239,20 +148,30 @@ async fn serve(
             len <= model_len,
             "--max-model-len {len} exceeds the model's max_position_embeddings ({model_len})"
         );
-        api_config.max_model_len = len;
-        api_config.max_prompt_tokens = len;
-        api_config.max_tokens = len;
+        api.max_model_len = len;
+        api.max_prompt_tokens = len;
+        api.max_tokens = len;
     }
-    let state = ApiState::new(api_config, Arc::clone(&frontend), Arc::new(ClusterService(Arc::clone(&scheduler))))
-        .context("registering metrics")?;
-    let api_listener = tokio::net::TcpListener::bind(args.api_listen).await.context("binding --api-listen")?;
-    eprintln!(
-        "[herd coordinator {me}] raft {} control {} api http://{} admin http://{}",
-        args.raft_listen, args.control_listen, args.api_listen, args.admin_listen
-    );
-    api::serve(api_listener, state, shutdown_signal()).await.context("serving the API")?;
-    raft.shutdown().await;
-    Ok(())
+    Ok(NodeConfig {
+        id: args.id,
+        data_dir: args.data_dir,
+        peers,
+        join: args.join,
+        raft_listen: args.raft_listen,
+        control_listen: args.control_listen,
+        api_listen: args.api_listen,
+        admin_listen: args.admin_listen,
+        frontend,
+        tls,
+        api,
+        admin_key: args.admin_key,
+        min_workers: args.min_workers,
+        step_timeout: Duration::from_millis(args.step_timeout_ms),
+        data_plane: args.data_plane,
+        suspect_after: Duration::from_millis(args.suspect_after_ms),
+        dead_after: Duration::from_millis(args.dead_after_ms),
+        raft_tick: Duration::from_millis(args.raft_tick_ms),
+    })
 }
 
 /// Ctrl-C or SIGTERM.
