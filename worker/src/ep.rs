@@ -11,7 +11,7 @@
 //! local runner uses — and every expert computes each row independently of its batch, so a
 //! distributed run reproduces a single-process run bit for bit under any placement.
 
-use crate::model::moe::{ExchangeError, ExpertError, ExpertExchange, ExpertShard, Routing};
+use crate::model::moe::{Blame, ExchangeError, ExchangeResult, ExpertError, ExpertExchange, ExpertShard, Routing};
 use crate::placement::Placement;
 use crate::transport::{Transport, TransportError};
 use std::collections::BTreeMap;
@@ -197,13 +197,7 @@ impl EpRunner {
 }
 
 impl ExpertExchange for EpRunner {
-    fn exchange(
-        &mut self,
-        layer: usize,
-        shard: &dyn ExpertShard,
-        x: &[f32],
-        routing: &Routing,
-    ) -> Result<Vec<f32>, ExchangeError> {
+    fn exchange(&mut self, layer: usize, shard: &dyn ExpertShard, x: &[f32], routing: &Routing) -> ExchangeResult {
         self.dispatch(layer, shard, x, routing).map_err(ExchangeError::from)
     }
 }
@@ -212,17 +206,17 @@ impl From<DispatchError> for ExchangeError {
     /// Blames the peer the data plane names: a missed deadline, or any other failure of a
     /// peer (a lost connection, a malformed or out-of-step record).
     fn from(e: DispatchError) -> Self {
-        let detail = e.to_string();
-        match e {
+        let blame = match &e {
             DispatchError::Transport(t) => match (t.root(), t.peer()) {
-                (TransportError::Timeout { peer, .. }, _) => ExchangeError::Deadline { rank: *peer, detail },
-                (_, Some(rank)) => ExchangeError::PeerFailed { rank, detail },
-                (_, None) => ExchangeError::DataPlane { detail },
+                (TransportError::Timeout { peer, .. }, _) => Blame::Late { rank: *peer },
+                (_, Some(rank)) => Blame::Peer { rank },
+                (_, None) => Blame::Here,
             },
             DispatchError::Ragged { peer, .. }
             | DispatchError::NotLocal { peer, .. }
-            | DispatchError::ResultCount { peer, .. } => ExchangeError::PeerFailed { rank: peer, detail },
-            DispatchError::Experts { layer, source } => ExchangeError::Experts { layer, source },
-        }
+            | DispatchError::ResultCount { peer, .. } => Blame::Peer { rank: *peer },
+            DispatchError::Experts { .. } => Blame::Here,
+        };
+        ExchangeError { blame, detail: e.to_string() }
     }
 }

@@ -131,3 +131,16 @@ pub struct ClusterFlags {
     #[arg(long, default_value_t = 60_000)]
     pub step_timeout_ms: u64,
 }
+
+/// Where a command that runs requests (`generate`, `eval`) runs its model: the engine flags,
+/// `--workers`, and the preset cache.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunFlags {
+    #[command(flatten)]
+    pub engine: EngineFlags,
+    #[command(flatten)]
+    pub cluster: ClusterFlags,
+    /// Directory where presets are synthesised (default ~/.cache/herd).
+    #[arg(long)]
+    pub cache_dir: Option<std::path::PathBuf>,
+}

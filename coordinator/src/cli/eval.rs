@@ -9,7 +9,7 @@
 //! "greedy_new_ids"}]}`. All prompts are prefilled in one batch and decoded in lockstep, so
 //! eval also checks that batching does not change any sequence's numbers.
 
-use super::engine_flags::{ClusterFlags, EngineFlags};
+use super::engine_flags::RunFlags;
 use super::model_arg;
 use super::runner::Runner;
 use anyhow::{Context, bail};
@@ -41,12 +41,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = "f32")]
     dtype: ComputeDtype,
     #[command(flatten)]
-    engine: EngineFlags,
-    #[command(flatten)]
-    cluster: ClusterFlags,
-    /// Directory where presets are synthesised (default ~/.cache/herd).
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
+    run: RunFlags,
 }
 
 #[derive(Serialize)]
@@ -67,16 +62,16 @@ struct PromptResult {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    super::device::check(args.engine.device)?; // before any model is loaded
+    super::device::check(args.run.engine.device)?; // before any model is loaded
     let text = std::fs::read_to_string(&args.input).with_context(|| format!("reading {}", args.input.display()))?;
     let input: Value =
         serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", args.input.display()))?;
-    let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
+    let dir = model_arg::resolve(&args.model, args.run.cache_dir.as_deref())?;
     let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
     let base = args.input.parent().unwrap_or(Path::new("."));
     let (max_new, prompts) =
         parse_input(&input, &frontend, base).with_context(|| format!("in {}", args.input.display()))?;
-    let mut runner = Runner::start(&dir, &frontend, args.dtype, &args.engine, &args.cluster)?;
+    let mut runner = Runner::start(&dir, &frontend, args.dtype, &args.run.engine, &args.run.cluster)?;
     let results = evaluate(&mut runner.client, prompts, max_new)?;
     runner.close();
     let out = EvalOutput { dtype: args.dtype.to_string(), prompts: results };

@@ -1,6 +1,6 @@
 //! `herd generate`: one prompt in, streamed text out, then a line of counts and speeds.
 
-use super::engine_flags::{ClusterFlags, EngineFlags};
+use super::engine_flags::RunFlags;
 use super::runner::Runner;
 use super::{model_arg, sys};
 use anyhow::{Context, bail};
@@ -39,12 +39,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value = "bf16")]
     dtype: ComputeDtype,
     #[command(flatten)]
-    engine: EngineFlags,
-    #[command(flatten)]
-    cluster: ClusterFlags,
-    /// Directory where presets are synthesised (default ~/.cache/herd).
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
+    run: RunFlags,
 }
 
 /// Sampling flags; unset ones fall back to the checkpoint's generation_config.json, then to
@@ -111,8 +106,8 @@ impl SamplingFlags {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    super::device::check(args.engine.device)?; // before any model is loaded
-    let dir = model_arg::resolve(&args.model, args.cache_dir.as_deref())?;
+    super::device::check(args.run.engine.device)?; // before any model is loaded
+    let dir = model_arg::resolve(&args.model, args.run.cache_dir.as_deref())?;
     let load_started = Instant::now();
     let frontend = Frontend::load(&dir).with_context(|| format!("loading {}", dir.display()))?;
     let mut images: Vec<PixelValues> = Vec::new();
@@ -154,7 +149,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     let params = args.sampling.params(&frontend);
     params.validate().context("invalid sampling flags")?;
-    let mut runner = Runner::start(&dir, &frontend, args.dtype, &args.engine, &args.cluster)?;
+    let mut runner = Runner::start(&dir, &frontend, args.dtype, &args.run.engine, &args.run.cluster)?;
     let load_time = load_started.elapsed();
 
     let mut stdout = std::io::stdout().lock();
@@ -180,8 +175,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let prefill = first_token.unwrap_or_default();
     let decode = started.elapsed().saturating_sub(prefill);
     let rss = sys::peak_rss_bytes().map_or_else(|| "n/a".into(), sys::format_bytes);
-    let workers =
-        if args.cluster.workers == 0 { "in process".to_string() } else { format!("{} workers", args.cluster.workers) };
+    let workers = if args.run.cluster.workers == 0 {
+        "in process".to_string()
+    } else {
+        format!("{} workers", args.run.cluster.workers)
+    };
     let _ = writeln!(
         stdout,
         "\n[herd] {} prompt + {} generated tokens ({:?}) | {} | load {:.2} s | prefill {:.1} tok/s | decode {:.2} tok/s | {} | peak RSS {}",

@@ -89,7 +89,11 @@ pub(super) struct GpuBackend {
     pub(super) kv: crate::gpu::model::GpuKv,
 }
 
-#[cfg(feature = "cuda")]
+/// Without the `cuda` feature there is no GPU backend: an uninhabited type keeps the engine's
+/// code the same in both builds.
+#[cfg(not(feature = "cuda"))]
+pub(super) enum GpuBackend {}
+
 impl GpuBackend {
     pub(super) fn forward(
         &mut self,
@@ -97,23 +101,12 @@ impl GpuBackend {
         steps: &mut [SeqStep<'_>],
         exchange: Option<&mut dyn ExpertExchange>,
     ) -> Result<Vec<Vec<f32>>, EngineError> {
-        Ok(self.model.forward(&mut self.kv, pool, steps, exchange)?)
-    }
-}
-
-/// Without the `cuda` feature there is no GPU backend: an uninhabited type keeps the engine's
-/// code the same in both builds.
-#[cfg(not(feature = "cuda"))]
-pub(super) enum GpuBackend {}
-
-#[cfg(not(feature = "cuda"))]
-impl GpuBackend {
-    pub(super) fn forward(
-        &mut self,
-        _: &mut KvPool,
-        _: &mut [SeqStep<'_>],
-        _: Option<&mut dyn ExpertExchange>,
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
-        match *self {}
+        #[cfg(feature = "cuda")]
+        return Ok(self.model.forward(&mut self.kv, pool, steps, exchange)?);
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (pool, steps, exchange);
+            match *self {}
+        }
     }
 }

@@ -117,11 +117,12 @@ impl AbortReason {
 /// A failed exchange, as a request that was in the step sees it.
 impl From<&crate::model::moe::ExchangeError> for AbortReason {
     fn from(e: &crate::model::moe::ExchangeError) -> Self {
-        use crate::model::moe::ExchangeError as X;
-        match e {
-            X::PeerFailed { rank, detail } => AbortReason::PeerLost { rank: *rank, detail: detail.clone() },
-            X::Deadline { rank, detail } => AbortReason::Deadline { rank: *rank, detail: detail.clone() },
-            X::Experts { .. } | X::DataPlane { .. } => AbortReason::engine(e.to_string()),
+        use crate::model::moe::Blame;
+        let detail = e.detail.clone();
+        match e.blame {
+            Blame::Peer { rank } => AbortReason::PeerLost { rank, detail },
+            Blame::Late { rank } => AbortReason::Deadline { rank, detail },
+            Blame::Here => AbortReason::Engine { message: detail },
         }
     }
 }

@@ -75,13 +75,7 @@ impl Routing {
 pub trait ExpertExchange: Send {
     /// `x`: `[tokens, hidden]` post-norm rows of this worker; returns `[routes, hidden]`, the
     /// expert output of each route of `routing`, in `routing` order.
-    fn exchange(
-        &mut self,
-        layer: usize,
-        shard: &dyn ExpertShard,
-        x: &[f32],
-        routing: &Routing,
-    ) -> Result<Vec<f32>, ExchangeError>;
+    fn exchange(&mut self, layer: usize, shard: &dyn ExpertShard, x: &[f32], routing: &Routing) -> ExchangeResult;
 }
 
 /// The routed experts one worker holds, as the expert-parallel exchange runs them on the rows
@@ -125,23 +119,29 @@ pub enum ExpertError {
     Device(String),
 }
 
-/// Why an expert-parallel exchange failed, with whom it blames. `detail` is the data plane's
-/// own account (it names the layer, the peer and what went wrong).
-#[derive(Clone, Debug, PartialEq, thiserror::Error)]
-pub enum ExchangeError {
+/// Whom a failed exchange blames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
     /// A peer closed its connection, sent something malformed, or fell out of step.
-    #[error("{detail}")]
-    PeerFailed { rank: usize, detail: String },
+    Peer { rank: usize },
     /// A peer missed the collective's deadline.
-    #[error("{detail}")]
-    Deadline { rank: usize, detail: String },
-    /// The rows the peers sent could not run on this worker's experts.
-    #[error("layer {layer}: running the local experts: {source}")]
-    Experts { layer: usize, source: ExpertError },
-    /// The data plane failed without blaming a peer.
-    #[error("{detail}")]
-    DataPlane { detail: String },
+    Late { rank: usize },
+    /// This worker: its experts could not run the rows the peers sent, or its data plane
+    /// failed without naming a peer.
+    Here,
 }
+
+/// Why an expert-parallel exchange failed: whom it blames, and the data plane's own account
+/// (it names the layer, the peer and what went wrong).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{detail}")]
+pub struct ExchangeError {
+    pub blame: Blame,
+    pub detail: String,
+}
+
+/// Each route's expert output, `[routes, hidden]`, or why the exchange failed.
+pub type ExchangeResult = Result<Vec<f32>, ExchangeError>;
 
 /// Add expert output rows into their tokens' rows. Callers visit experts in index order, so
 /// with top-k > 1 a token's outputs are summed in the same order as transformers' sum over

@@ -13,7 +13,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::{Collective, Lockstep, Transport, TransportError, TransportStats};
+use super::{Collective, Lockstep, TransportError};
 
 /// Faults applied to every message of a group (snapshotted at the start of each collective).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -209,33 +209,14 @@ fn receive(
     Ok(msg.payload)
 }
 
-impl Transport for LocalTransport {
-    fn rank(&self) -> usize {
-        self.lockstep.rank()
-    }
-
-    fn world(&self) -> usize {
-        self.lockstep.world()
-    }
-
-    fn all_to_all_v(&mut self, send: Vec<Vec<u8>>, deadline: Instant) -> Result<Vec<Vec<u8>>, TransportError> {
-        self.exchange(Collective::AllToAll, send, deadline)
-    }
-
-    fn barrier(&mut self, deadline: Instant) -> Result<(), TransportError> {
-        self.exchange(Collective::Barrier, Vec::new(), deadline).map(|_| ())
-    }
-
-    fn stats(&self) -> TransportStats {
-        self.lockstep.stats()
-    }
-}
+super::lockstep_transport!(LocalTransport);
 
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
 
     use super::*;
+    use crate::transport::Transport;
     use crate::transport::testkit;
 
     #[test]

@@ -178,6 +178,40 @@ pub fn bytes_to_f32s(bytes: &[u8], peer: usize) -> Result<Vec<f32>, TransportErr
     Ok(bytemuck::pod_collect_to_vec::<u8, f32>(bytes))
 }
 
+/// The [`Transport`] impl every implementation shares: rank, world and counters from its
+/// `lockstep` field ([`Lockstep`]), both collectives through its own
+/// `exchange(op, send, deadline)` (a barrier is an exchange of empty buffers).
+macro_rules! lockstep_transport {
+    ($t:ty) => {
+        impl $crate::transport::Transport for $t {
+            fn rank(&self) -> usize {
+                self.lockstep.rank()
+            }
+
+            fn world(&self) -> usize {
+                self.lockstep.world()
+            }
+
+            fn all_to_all_v(
+                &mut self,
+                send: Vec<Vec<u8>>,
+                deadline: std::time::Instant,
+            ) -> Result<Vec<Vec<u8>>, $crate::transport::TransportError> {
+                self.exchange($crate::transport::Collective::AllToAll, send, deadline)
+            }
+
+            fn barrier(&mut self, deadline: std::time::Instant) -> Result<(), $crate::transport::TransportError> {
+                self.exchange($crate::transport::Collective::Barrier, Vec::new(), deadline).map(|_| ())
+            }
+
+            fn stats(&self) -> $crate::transport::TransportStats {
+                self.lockstep.stats()
+            }
+        }
+    };
+}
+pub(crate) use lockstep_transport;
+
 /// The state every implementation shares: where the group is in its sequence of collectives,
 /// the counters, and the first error.
 #[derive(Debug)]

@@ -49,7 +49,7 @@ use cudarc::nccl::sys as nc;
 pub use crate::control::NcclId;
 
 use self::comm::{Comm, P2p, backoff, init_comm, nccl_library, setup};
-use super::{Collective, Lockstep, Transport, TransportError, TransportStats};
+use super::{Collective, Lockstep, TransportError};
 
 /// Default [`NcclOptions::max_frame_bytes`]: 1 GiB, as over TCP.
 pub const DEFAULT_MAX_FRAME_BYTES: u64 = 1 << 30;
@@ -401,27 +401,7 @@ impl Drop for NcclTransport {
     }
 }
 
-impl Transport for NcclTransport {
-    fn rank(&self) -> usize {
-        self.lockstep.rank()
-    }
-
-    fn world(&self) -> usize {
-        self.lockstep.world()
-    }
-
-    fn all_to_all_v(&mut self, send: Vec<Vec<u8>>, deadline: Instant) -> Result<Vec<Vec<u8>>, TransportError> {
-        self.exchange(Collective::AllToAll, send, deadline)
-    }
-
-    fn barrier(&mut self, deadline: Instant) -> Result<(), TransportError> {
-        self.exchange(Collective::Barrier, Vec::new(), deadline).map(|_| ())
-    }
-
-    fn stats(&self) -> TransportStats {
-        self.lockstep.stats()
-    }
-}
+super::lockstep_transport!(NcclTransport);
 
 /// The device address of a buffer (event tracking is off, so the guard does nothing).
 fn dptr(buf: &CudaSlice<u8>, stream: &CudaStream) -> u64 {

@@ -35,7 +35,7 @@ use rustix::event::{PollFd, PollFlags, Timespec};
 use self::conn::{Conn, link_error};
 use super::frame::{FrameHeader, FrameKind, HEADER_LEN};
 use super::tls::TlsConfig;
-use super::{Collective, Lockstep, Transport, TransportError, TransportStats};
+use super::{Collective, Lockstep, TransportError};
 
 /// Default [`TcpOptions::max_frame_bytes`]: 1 GiB.
 pub const DEFAULT_MAX_FRAME_BYTES: u64 = 1 << 30;
@@ -293,27 +293,7 @@ impl Drop for TcpTransport {
     }
 }
 
-impl Transport for TcpTransport {
-    fn rank(&self) -> usize {
-        self.lockstep.rank()
-    }
-
-    fn world(&self) -> usize {
-        self.lockstep.world()
-    }
-
-    fn all_to_all_v(&mut self, send: Vec<Vec<u8>>, deadline: Instant) -> Result<Vec<Vec<u8>>, TransportError> {
-        self.exchange(Collective::AllToAll, send, deadline)
-    }
-
-    fn barrier(&mut self, deadline: Instant) -> Result<(), TransportError> {
-        self.exchange(Collective::Barrier, Vec::new(), deadline).map(|_| ())
-    }
-
-    fn stats(&self) -> TransportStats {
-        self.lockstep.stats()
-    }
-}
+crate::transport::lockstep_transport!(TcpTransport);
 
 fn missing_link(peer: usize) -> TransportError {
     TransportError::PeerLost { peer, reason: "no connection to this rank".into() }

@@ -6,6 +6,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::transport::Transport;
 use crate::transport::testkit;
 
 /// Binds `world` listeners on 127.0.0.1 and connects them as a group, one thread per rank.

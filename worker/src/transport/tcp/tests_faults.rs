@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use super::tests::{group, group_with, in_secs};
 use super::*;
+use crate::transport::Transport;
 use crate::transport::frame::{FrameHeader, FrameKind, HEADER_LEN, Hello, MAGIC};
 
 const TOKEN: &[u8] = b"cluster-a";

@@ -12,6 +12,7 @@ use rcgen::{
 
 use super::tests::{group_with, in_secs, latency, throughput};
 use super::*;
+use crate::transport::Transport;
 use crate::transport::testkit;
 
 type Ca = CertifiedIssuer<'static, KeyPair>;
