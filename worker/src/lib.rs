@@ -1,43 +1,38 @@
-//! herd-worker: the Llama 4 model and the engine that runs it on one device.
+//! herd-worker: the Llama 4 model, the engine that runs it on one device, and the runtime that
+//! keeps a worker's engine in step with its expert-parallel group.
 //!
-//! Modules:
+//! Modules, from the bottom up:
+//! - [`kv_cache`]: the paged KV pool under a memory budget; it knows only a `KvLayout`, so both
+//!   the model (which appends and reads) and the engine (which reserves and releases) sit above.
 //! - [`model`]: checkpoint config ([`model::config`]), memory-mapped safetensors
-//!   ([`model::checkpoint`]), typed weights ([`model::weights`]) and the text forward pass
-//!   ([`model::text`], with the MoE block in [`model::moe`]).
-//! - [`tokenizer`]: `tokenizer.json` through the `tokenizers` crate, incremental detokenising.
-//! - [`agent`]: a worker's side of the coordinator tier (registration, heartbeats, placement
-//!   epochs re-forming the lockstep group, requests in and events out).
-//! - [`chat_template`]: the checkpoint's Jinja chat template rendered as transformers does.
-//! - [`engine`]: the continuous-batching engine ([`engine`]) over a paged KV cache
-//!   ([`engine::kv_cache`]), with sampling ([`engine::sampler`]) and stop rules; built on the
-//!   CPU or a GPU by [`engine::device`].
-//! - [`control`]: the messages between a worker and its driver (requests in, events out).
-//! - [`lockstep`]: the loop that keeps an expert-parallel group stepping together.
-//! - [`ep`]: expert parallelism — the MoE runner that ships routed tokens to the workers
-//!   holding their experts over a [`transport`] and combines the results.
-//! - `gpu` (feature `cuda`): the text model on one CUDA device with its weights resident
-//!   there, driven by the same engine (the KV cache's data on the device, its block tables in a
-//!   blocks-only [`kv_cache::KvPool`]); and a Maverick two-layer slice for benchmarks.
+//!   ([`model::checkpoint`]), scoped weight loading ([`model::weights`]), and the forward pass
+//!   as the Hugging Face modeling file has it: [`model::text`] (decoder layers),
+//!   [`model::attention`], [`model::mlp`], [`model::moe`] (which also defines the
+//!   `ExpertExchange` seam the expert-parallel data plane implements).
+//! - [`tokenizer`], [`chat_template`]: `tokenizer.json` and the checkpoint's Jinja template,
+//!   as transformers renders them.
+//! - [`vision`]: images in prompts (decoding with limits, the Llama 4 image processor, the
+//!   vision encoder and projector whose rows replace the `<|patch|>` embeddings).
+//! - [`engine`]: the continuous-batching [`engine::Engine`] (plan → batch → forward → emit per
+//!   step), with per-request sampling and stop rules; built on the CPU or a GPU by
+//!   [`engine::device`]. `gpu` (feature `cuda`): the text model on one CUDA device.
+//! - [`placement`]: which workers hold each routed expert (a serde value the coordinator owns).
+//! - [`transport`]: the data plane's collectives (`all_to_all_v`, `barrier`): in-process, TCP
+//!   (optional mTLS), NCCL. [`ep`]: the `ExpertExchange` over a transport.
+//! - [`control`]: the one control vocabulary (`ToWorker` down, `FromWorker` up), for QUIC
+//!   channels to coordinators and for a static group's stdin/stdout alike.
+//! - [`runtime`]: a worker's agent (its side of the control channel), the group of each
+//!   placement epoch, and the lockstep loop; both modes of `herd worker` run it.
 //! - [`frontend`]: a checkpoint's config, tokenizer, chat template and generation defaults
 //!   (no weights), and loading the model from it.
-//! - [`placement`]: which workers hold each routed expert (a serde value the coordinator owns).
-//! - [`quantize`]: `herd quantize` — a float checkpoint's routed experts to FP8 or int4
-//!   per-expert tensors that load memory-mapped ([`model::quant_config`] names the schemes).
-//! - [`synth`]: random-weight checkpoints in the Hugging Face layout (presets tiny,
-//!   scout-mini, maverick-mini) so that nothing needs a download.
-//! - [`transport`]: the data plane's collectives (`all_to_all_v`, `barrier`): in-process and TCP (optional mTLS).
-//! - [`vision`]: images in prompts — decoding with size limits, the Llama 4 image processor
-//!   (tiles, torch-exact resize, bf16 normalisation), the image token block, and the vision
-//!   encoder + projector whose rows replace the `<|patch|>` embeddings (early fusion).
+//! - [`quantize`], [`synth`]: `herd quantize` and random-weight checkpoints.
 //!
-//! A request flows: text → [`chat_template`] → [`tokenizer`] ids →
-//! [`engine::Engine::submit`]. Each engine step runs
-//! [`model::text::TextModel::forward_with`] once over a batch of prefill chunks and decode
-//! tokens on the paged [`engine::kv_cache`]; at every MoE layer an
-//! [`model::moe::ExpertRunner`] runs the routed experts (in process, or [`ep::EpRunner`]
-//! across workers over a [`transport`], kept in step by [`lockstep`]). Each request's
-//! [`engine::sampler`] and [`engine::stop`] rules turn logits into tokens and text, which
-//! leave as [`engine::request::Event`]s ([`control::Report`]s from a worker process).
+//! A request on a worker: `ToWorker::Submit` → [`runtime::agent`] → the group's
+//! [`runtime::lockstep`] loop hands it to the [`engine::Engine`] between steps → each step runs
+//! [`model::text::TextModel::forward_with`] once over the batch on the paged [`kv_cache`]; at
+//! every MoE layer the routed rows go through the group's [`ep::EpRunner`] over a
+//! [`transport`] → each request's sampler and stop rules turn logits into tokens and text →
+//! `FromWorker::Event`s go back up the link of the coordinator that sent the request.
 
 pub mod chat_template;
 pub mod control;

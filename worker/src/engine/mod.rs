@@ -6,7 +6,7 @@
 //! fit even in an empty cache is rejected at submission.
 //!
 //! Every [`Engine::step`] runs one forward pass over a batch built under a token budget
-//! ([`step`]: plan → batch → forward → emit): first one token for every request that is
+//! (`step.rs`: plan → batch → forward → emit): first one token for every request that is
 //! decoding (latency first), then prompt chunks for requests still prefilling, in arrival
 //! order, until the budget is spent. Requests join and leave between steps. Each request has
 //! its own [`sampler`], [`stop`] rules and stream decoder; kernels are batch-invariant, so a

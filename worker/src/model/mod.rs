@@ -3,7 +3,7 @@
 //! Loading: [`config::ModelConfig::from_dir`] → [`checkpoint::Checkpoint::open`] (mmap) →
 //! [`text::TextModel::load`] builds every layer through [`weights::WeightLoader`], which checks
 //! each tensor's name and shape. Running: [`text::TextModel::forward`] over a batch of
-//! sequences, each bringing its own [`crate::kv_cache::KvCache`].
+//! sequences, each bringing its own block tables in a [`crate::kv_cache::KvPool`].
 
 pub mod attention;
 pub mod checkpoint;

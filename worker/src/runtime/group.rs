@@ -3,7 +3,7 @@
 //! [`Group::start`] takes an [`Assignment`] and, on the group's thread, loads the model with
 //! the routed experts the placement gives this rank (mapped, so cheap), builds the engine on its
 //! device, joins the data plane the assignment names (TCP to the members' data addresses, or
-//! NCCL with the unique id rank 0 makes), and runs the [lockstep](super::lockstep) loop until
+//! NCCL with the unique id rank 0 makes), and runs the lockstep loop ([`super::lockstep`]) until
 //! the group drains, leaves, or fails. What happens comes back as [`GroupNote`]s.
 
 use super::host;
